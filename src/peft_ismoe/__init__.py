@@ -1,0 +1,12 @@
+"""peft_ismoe: MP-ISMoE for the Hugging Face stack.
+
+MP-ISMoE (mixed-precision interactive side mixture-of-experts) fine-tunes a large frozen model by training only a
+small side network that reads the model's hidden states, so no gradient flows through the model itself; the
+frozen model is stored in few bits (GNP-IQ) and the memory saved pays for a side network made of experts (ISMoE).
+"""
+
+from .quantization import GNPIQConfig, GNPIQLinear, gnpiq_quantize, quantize_model
+
+__version__ = "0.1.0"
+
+__all__ = ["GNPIQConfig", "GNPIQLinear", "__version__", "gnpiq_quantize", "quantize_model"]

@@ -1,0 +1,23 @@
+"""GNP-IQ: low-bit, group-wise storage of a frozen backbone's linear weights."""
+
+from .config import DEFAULT_MODULES_TO_NOT_CONVERT, GNPIQConfig
+from .linear import GNPIQLinear
+from .model import collect_input_importance, find_linear_layers, is_gnpiq_quantized, quantize_model
+from .packing import pack_codes, packed_numel, unpack_codes
+from .solver import QuantizedWeight, gnpiq_quantize, minmax_quantize
+
+__all__ = [
+    "DEFAULT_MODULES_TO_NOT_CONVERT",
+    "GNPIQConfig",
+    "GNPIQLinear",
+    "QuantizedWeight",
+    "collect_input_importance",
+    "find_linear_layers",
+    "gnpiq_quantize",
+    "is_gnpiq_quantized",
+    "minmax_quantize",
+    "pack_codes",
+    "packed_numel",
+    "quantize_model",
+    "unpack_codes",
+]
