@@ -1,15 +1,24 @@
 """GNP-IQ: low-bit, group-wise storage of a frozen backbone's linear weights."""
 
 from .config import DEFAULT_MODULES_TO_NOT_CONVERT, GNPIQConfig
+from .hf_quantizer import GNPIQHfQuantizer, GNPIQWarning, register_with_transformers
 from .linear import GNPIQLinear
-from .model import collect_input_importance, find_linear_layers, is_gnpiq_quantized, quantize_model
+from .model import (
+    collect_input_importance,
+    find_linear_layers,
+    is_gnpiq_quantized,
+    quantize_linear_layers,
+    quantize_model,
+)
 from .packing import pack_codes, packed_numel, unpack_codes
 from .solver import QuantizedWeight, gnpiq_quantize, minmax_quantize
 
 __all__ = [
     "DEFAULT_MODULES_TO_NOT_CONVERT",
     "GNPIQConfig",
+    "GNPIQHfQuantizer",
     "GNPIQLinear",
+    "GNPIQWarning",
     "QuantizedWeight",
     "collect_input_importance",
     "find_linear_layers",
@@ -18,6 +27,8 @@ __all__ = [
     "minmax_quantize",
     "pack_codes",
     "packed_numel",
+    "quantize_linear_layers",
     "quantize_model",
+    "register_with_transformers",
     "unpack_codes",
 ]

@@ -8,12 +8,19 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from .config import GNPIQConfig
 from .linear import GNPIQLinear
 from .solver import gnpiq_quantize
 
-__all__ = ["collect_input_importance", "find_linear_layers", "is_gnpiq_quantized", "quantize_model"]
+__all__ = [
+    "collect_input_importance",
+    "find_linear_layers",
+    "is_gnpiq_quantized",
+    "quantize_linear_layers",
+    "quantize_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,20 +101,23 @@ def quantize_model(
     config: GNPIQConfig | None = None,
     *,
     calibration_data: Iterable | None = None,
-    progress_bar: bool = True,
+    progress_bar: bool | None = None,
 ) -> nn.Module:
     """Replace the linear layers of `model` by `GNPIQLinear`, in place, and return `model`.
 
     LayerNorms, embeddings and the modules named by ``config.skipped_modules`` are left as they are. Each layer
     is quantized on its own device with seed ``config.seed + index`` (index in module order), so a run is
-    reproducible and layers do not share noise. The config is recorded as ``model.config.quantization_config``.
+    reproducible and layers do not share noise. The config is recorded as ``model.config.quantization_config``,
+    and a transformers model also gets the GNP-IQ ``hf_quantizer``, so its ``save_pretrained`` writes the packed
+    weights and ``from_pretrained`` reads them back without quantizing again.
 
     Args:
         model: any ``nn.Module``; a transformers model gets its config updated.
         config: the GNP-IQ settings (default ``GNPIQConfig()``: 8 bits, groups of 64).
         calibration_data: optional iterable of batches; when given, each layer's error is weighted by the mean
             squared activation of its input channels over these batches (see `collect_input_importance`).
-        progress_bar: show a tqdm bar over layers.
+        progress_bar: show a tqdm bar over layers; None follows transformers' progress-bar setting
+            (``transformers.utils.logging.disable_progress_bar()`` turns it off).
 
     Raises:
         ValueError: if `model` is already GNP-IQ quantized, or a weight holds NaN or Inf.
@@ -122,6 +132,30 @@ def quantize_model(
             "Load the float checkpoint and quantize that instead."
         )
 
+    quantize_linear_layers(model, config, calibration_data=calibration_data, progress_bar=progress_bar)
+    if getattr(model, "config", None) is not None:
+        model.config.quantization_config = config
+
+    # Imported here: the transformers integration builds on this module.
+    from .hf_quantizer import attach_hf_quantizer
+
+    attach_hf_quantizer(model, config)
+    return model
+
+
+@torch.no_grad()
+def quantize_linear_layers(
+    model: nn.Module,
+    config: GNPIQConfig,
+    *,
+    calibration_data: Iterable | None = None,
+    progress_bar: bool | None = None,
+) -> dict[str, GNPIQLinear]:
+    """The conversion step of `quantize_model`, without its checks on the model's config or its bookkeeping.
+
+    transformers' loader records the quantization config before the float weights arrive, so it calls this
+    directly once they have. Returns the new layers by qualified name.
+    """
     layers = find_linear_layers(model, config.skipped_modules)
     # Check every weight before touching any, so a bad layer leaves the model as it was.
     for name, module in layers.items():
@@ -133,16 +167,16 @@ def quantize_model(
     if skipped:
         logger.info("GNP-IQ keeps %d linear layers in float: %s", len(skipped), ", ".join(skipped))
 
+    if progress_bar is None:
+        progress_bar = hf_logging.is_progress_bar_enabled()
+    converted = {}
     for index, (name, module) in enumerate(
         tqdm(layers.items(), desc="GNP-IQ", unit="layer", disable=not progress_bar)
     ):
         quantized = gnpiq_quantize(
             _weight_of(module), seed=config.seed + index, importance=importance.get(name), **config.solver_kwargs()
         )
-        new = GNPIQLinear.from_quantized(quantized, bits=config.bits, bias=module.bias)
-        model.set_submodule(name, new)
+        converted[name] = GNPIQLinear.from_quantized(quantized, bits=config.bits, bias=module.bias)
+        model.set_submodule(name, converted[name])
     logger.info("GNP-IQ quantized %d linear layers to %d bits", len(layers), config.bits)
-
-    if getattr(model, "config", None) is not None:
-        model.config.quantization_config = config
-    return model
+    return converted
