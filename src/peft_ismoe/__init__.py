@@ -6,7 +6,16 @@ frozen model is stored in few bits (GNP-IQ) and the memory saved pays for a side
 """
 
 from .quantization import GNPIQConfig, GNPIQLinear, gnpiq_quantize, quantize_model
+from .tuner import ISMoEConfig, ISMoEModel
 
 __version__ = "0.1.0"
 
-__all__ = ["GNPIQConfig", "GNPIQLinear", "__version__", "gnpiq_quantize", "quantize_model"]
+__all__ = [
+    "GNPIQConfig",
+    "GNPIQLinear",
+    "ISMoEConfig",
+    "ISMoEModel",
+    "__version__",
+    "gnpiq_quantize",
+    "quantize_model",
+]

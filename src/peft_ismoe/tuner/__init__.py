@@ -1,0 +1,27 @@
+"""ISMoE: an interactive side mixture-of-experts trained beside a frozen backbone, as a PEFT method.
+
+Importing this package adds ``"ISMOE"`` to `peft.utils.PeftType` and registers `ISMoEConfig` and `ISMoEModel`
+with PEFT, so ``get_peft_model(model, ISMoEConfig(...))`` and ``PeftModel.from_pretrained(model, path)`` work.
+"""
+
+from .config import ISMoEConfig
+from .experts import InteractiveRouter, MoEFeedForward, RouterOutput, StackedExperts, load_balancing_loss
+from .model import ISMoEModel, SideNetworkLayer
+from .registration import ISMOE_PEFT_TYPE, register_ismoe
+from .side import SideBlock, SideNetwork
+
+register_ismoe(ISMoEConfig, ISMoEModel)
+
+__all__ = [
+    "ISMOE_PEFT_TYPE",
+    "ISMoEConfig",
+    "ISMoEModel",
+    "InteractiveRouter",
+    "MoEFeedForward",
+    "RouterOutput",
+    "SideBlock",
+    "SideNetwork",
+    "SideNetworkLayer",
+    "StackedExperts",
+    "load_balancing_loss",
+]

@@ -1,0 +1,166 @@
+"""Configuration of ISMoE, the interactive side mixture-of-experts tuner."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from peft.config import PeftConfig
+
+from .registration import ISMOE_PEFT_TYPE
+
+__all__ = ["ROUTER_CHOICES", "SALIENT_FEATURE_CHOICES", "ISMoEConfig"]
+
+SALIENT_FEATURE_CHOICES = ("cls", "mean", "token")
+ROUTER_CHOICES = ("interactive", "side")
+ACTIVATION_CHOICES = ("gelu", "relu", "silu")
+
+
+@dataclass
+class ISMoEConfig(PeftConfig):
+    """Settings of ISMoE: a small side network of experts trained beside a frozen backbone.
+
+    For each tapped block of the backbone, the block's output hidden state is down-projected to the side width
+    (``hidden_size // reduction_factor``) and mixed into the side state through a learned ladder gate; then a side
+    block runs, whose feed-forward is a mixture of ``num_experts`` expert FFNs with top-``top_k`` routing. The last
+    side state is up-projected and added to the backbone's last block output through a zero-initialised gate, so a
+    fresh adapter gives exactly the base model's outputs. No gradient ever flows through the backbone.
+
+    The defaults (8 experts, top-2, reduction 8, balancing loss 0.01) follow the Switch/Mixtral line and Ladder
+    Side-Tuning; the paper names none of them. Change ``num_experts`` and ``top_k`` first when the task needs more
+    capacity, ``reduction_factor`` when memory is tight, and ``salient_feature`` to ``"mean"`` for backbones trained
+    as mean-pooled sentence encoders (all-MiniLM-L6-v2). ``docs/tuner.md`` explains every field.
+    """
+
+    num_experts: int = field(default=8, metadata={"help": "Expert FFNs per side block; 1 gives a dense side FFN."})
+    top_k: int = field(default=2, metadata={"help": "Experts each token is routed to, in 1..num_experts."})
+    reduction_factor: int = field(
+        default=8, metadata={"help": "Side width = backbone hidden size / reduction_factor; must divide it."}
+    )
+    expert_ratio: float = field(
+        default=2.0, metadata={"help": "Hidden width of each expert FFN as a multiple of the side width."}
+    )
+    activation: Literal["gelu", "relu", "silu"] = field(
+        default="gelu", metadata={"help": "Activation inside each expert FFN."}
+    )
+    router: Literal["interactive", "side"] = field(
+        default="interactive",
+        metadata={"help": "'interactive' mixes the backbone-feature prior into routing; 'side' is a plain MoE."},
+    )
+    salient_feature: Literal["cls", "mean", "token"] | None = field(
+        default=None,
+        metadata={
+            "help": "Backbone feature the interactive prior compares with each expert: 'cls' (first token), "
+            "'mean' (mask-aware mean of tokens) or 'token' (each token's own state). None: 'token' for CAUSAL_LM, "
+            "'cls' otherwise."
+        },
+    )
+    aux_loss_coef: float = field(
+        default=0.01, metadata={"help": "Weight of the Switch balancing loss added to the loss; 0 turns it off."}
+    )
+    ladder_temperature: float = field(
+        default=0.1, metadata={"help": "T in the ladder gate sigmoid(alpha / T); alpha starts at 0."}
+    )
+    layers_to_tap: list[int] | None = field(
+        default=None,
+        metadata={"help": "Indices of the backbone blocks the side network reads (negative allowed); None: all."},
+    )
+    block_stack: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Dotted paths of the nn.ModuleList(s) holding the backbone blocks, e.g. ['bert.encoder.layer']; "
+            "None finds them (encoder and decoder for encoder-decoder models)."
+        },
+    )
+    train_layernorm: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a copy of the LayerNorm that produces each tapped block output (post-LN backbones), "
+            "through the side network only."
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Backbone modules trained in full and saved with the adapter, e.g. ['classifier']."},
+    )
+    init_seed: int | None = field(
+        default=None, metadata={"help": "Seed for the side network's initialisation; None uses torch's global RNG."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ISMOE_PEFT_TYPE
+        _check_int("num_experts", self.num_experts, minimum=1)
+        _check_int("top_k", self.top_k, minimum=1)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"`top_k` must be in 1..num_experts (num_experts={self.num_experts}), got {self.top_k!r}; "
+                "lower `top_k` or raise `num_experts`."
+            )
+        _check_int("reduction_factor", self.reduction_factor, minimum=1)
+        _check_positive("expert_ratio", self.expert_ratio)
+        _check_positive("ladder_temperature", self.ladder_temperature)
+        if not _is_real(self.aux_loss_coef) or not math.isfinite(self.aux_loss_coef) or self.aux_loss_coef < 0:
+            raise ValueError(f"`aux_loss_coef` must be a finite number >= 0, got {self.aux_loss_coef!r}.")
+        _check_choice("activation", self.activation, ACTIVATION_CHOICES)
+        _check_choice("router", self.router, ROUTER_CHOICES)
+        if self.salient_feature is not None:
+            _check_choice("salient_feature", self.salient_feature, SALIENT_FEATURE_CHOICES)
+        self.layers_to_tap = _check_int_list("layers_to_tap", self.layers_to_tap)
+        self.block_stack = _check_str_list("block_stack", self.block_stack)
+        self.modules_to_save = _check_str_list("modules_to_save", self.modules_to_save)
+        if not isinstance(self.train_layernorm, bool):
+            raise TypeError(f"`train_layernorm` must be a bool, got {self.train_layernorm!r}.")
+        if self.init_seed is not None:
+            _check_int("init_seed", self.init_seed, minimum=0)
+
+    def resolved_salient_feature(self, causal: bool) -> str:
+        """The salient feature one side network uses: `salient_feature`, or the default for its kind of stack."""
+        if self.salient_feature is not None:
+            return self.salient_feature
+        return "token" if causal else "cls"
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return str(self.task_type) in ("CAUSAL_LM", "TaskType.CAUSAL_LM")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int >= {minimum}, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+def _check_int_list(name: str, value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"`{name}` must be a list of ints or None, got {value!r}.")
+    value = list(value)
+    if not value:
+        raise ValueError(f"`{name}` must name at least one block, got an empty list; pass None for every block.")
+    return value
+
+
+def _check_str_list(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"`{name}` must be a list of strings or None, got {value!r}.")
+    return list(value)

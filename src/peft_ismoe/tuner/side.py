@@ -1,0 +1,145 @@
+"""The ladder side network of ISMoE: what runs beside one stack of backbone blocks.
+
+Shapes: ``B`` batch, ``S`` sequence, ``D`` backbone width, ``d = D // reduction_factor`` side width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ISMoEConfig
+from .experts import MoEFeedForward
+
+__all__ = ["SideBlock", "SideNetwork", "salient_features"]
+
+
+def salient_features(hidden: torch.Tensor, kind: str, mask: torch.Tensor | None) -> torch.Tensor:
+    """The backbone feature each token's router compares with the experts, ``[B, S, D]``.
+
+    ``"token"``: each token's own state (causal). ``"cls"``: the first token's state, broadcast to the sequence.
+    ``"mean"``: the mean of the non-padding tokens (``mask`` ``[B, S]``, true where real), broadcast.
+    """
+    if kind == "token":
+        return hidden
+    if kind == "cls":
+        return hidden[:, :1].expand_as(hidden)
+    if kind == "mean":
+        if mask is None:
+            pooled = hidden.mean(dim=1, keepdim=True)
+        else:
+            weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, S, 1]
+            pooled = (hidden * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1)
+        return pooled.expand_as(hidden)
+    raise ValueError(f"`salient_feature` must be one of ('cls', 'mean', 'token'), got {kind!r}.")
+
+
+class SideBlock(nn.Module):
+    """A pre-norm residual block whose feed-forward is a mixture of experts: ``x + MoE(LayerNorm(x))``.
+
+    It is purely per-token, so a side network made of these blocks is causal for free and needs no cache of its
+    own during generation.
+    """
+
+    def __init__(self, width: int, backbone_width: int, config: ISMoEConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.moe = MoEFeedForward(
+            width,
+            backbone_width,
+            num_experts=config.num_experts,
+            top_k=config.top_k,
+            hidden=max(1, round(width * config.expert_ratio)),
+            activation=config.activation,
+            use_prior=config.router == "interactive",
+        )
+
+    def forward(
+        self, x: torch.Tensor, salient: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[B, S, d]``, ``salient`` ``[B, S, D]``, bool ``mask`` ``[B, S]``; returns ``[B, S, d]`` and the loss."""
+        batch, seq, width = x.shape
+        flat_salient = None if salient is None else salient.reshape(batch * seq, -1)  # [T, D]
+        flat_mask = None if mask is None else mask.reshape(-1)  # [T]
+        mixed, aux_loss = self.moe(self.norm(x).reshape(-1, width), flat_salient, flat_mask)  # [T, d]
+        return x + mixed.view(batch, seq, width), aux_loss
+
+
+class SideNetwork(nn.Module):
+    """The side network of one backbone stack (Ladder Side-Tuning with expert blocks).
+
+    With ``h_0`` the input of the stack's first block and ``h_i`` the output of the i-th tapped block::
+
+        s = down_in(h_0)
+        for each tap i:  g_i = sigmoid(alpha_i / T);  s = g_i * s + (1 - g_i) * down_i(h_i);  s = block_i(s)
+        delta = output_gate * up(norm(s))            # added to the stack's last block output
+
+    ``alpha`` starts at 0 (equal mixing) and ``output_gate`` (``[D]``) at 0, so a fresh side network adds nothing.
+    The side network keeps its own dtype (float32 unless cast); inputs are cast to it and ``delta`` back.
+
+    With ``train_layernorm``, ``norm_params`` holds a trainable copy of the parameters of the LayerNorm that
+    produces each tapped block output, keyed ``"{tap}_{name}"``.
+    """
+
+    def __init__(
+        self,
+        backbone_width: int,
+        num_taps: int,
+        config: ISMoEConfig,
+        salient_feature: str,
+        norm_params: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        width = backbone_width // config.reduction_factor
+        self.width = width
+        self.salient_feature = salient_feature
+        self.temperature = config.ladder_temperature
+        self.use_salient = config.router == "interactive"
+        self.down_in = nn.Linear(backbone_width, width)
+        self.down = nn.ModuleList(nn.Linear(backbone_width, width) for _ in range(num_taps))
+        self.ladder_alpha = nn.Parameter(torch.zeros(num_taps))
+        self.blocks = nn.ModuleList(SideBlock(width, backbone_width, config) for _ in range(num_taps))
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, backbone_width)
+        self.output_gate = nn.Parameter(torch.zeros(backbone_width))
+        self.norm_params = nn.ParameterDict(
+            {key: nn.Parameter(value.detach().clone().float()) for key, value in (norm_params or {}).items()}
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.up.weight.dtype
+
+    def tap_norm_params(self, tap: int) -> dict[str, torch.Tensor]:
+        """The trainable LayerNorm parameters of tap `tap`, by parameter name (empty when not trained)."""
+        prefix = f"{tap}_"
+        return {key[len(prefix) :]: value for key, value in self.norm_params.items() if key.startswith(prefix)}
+
+    def forward(
+        self, stack_input: torch.Tensor, taps: list[torch.Tensor], mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``stack_input`` and each of ``taps`` ``[B, S, D]``, bool ``mask`` ``[B, S]``.
+
+        Returns ``delta`` ``[B, S, D]`` in the dtype of ``stack_input`` and the mean balancing loss over blocks.
+        """
+        if len(taps) != len(self.blocks):
+            raise ValueError(f"The side network has {len(self.blocks)} blocks but got {len(taps)} tapped states.")
+        s = self.down_in(stack_input.to(self.dtype))  # [B, S, d]
+        aux_losses = []
+        for i, hidden in enumerate(taps):
+            hidden = hidden.to(self.dtype)
+            gate = torch.sigmoid(self.ladder_alpha[i] / self.temperature)
+            s = gate * s + (1 - gate) * self.down[i](hidden)
+            salient = salient_features(hidden, self.salient_feature, mask) if self.use_salient else None
+            s, aux_loss = self.blocks[i](s, salient, mask)
+            aux_losses.append(aux_loss)
+        delta = self.output_gate * self.up(self.norm(s))  # [B, S, D]
+        return delta.to(stack_input.dtype), torch.stack(aux_losses).mean()
+
+    def expert_usage(self) -> list[torch.Tensor]:
+        """The routing-slot counts of each block's experts since the last reset, ``int64 [E]`` per block."""
+        return [block.moe.usage.clone() for block in self.blocks]
+
+    def reset_usage(self) -> None:
+        for block in self.blocks:
+            block.moe.reset_usage()
