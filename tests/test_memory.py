@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peft_ismoe.memory import SavedTensorCounter, TrainingMemory, optimizer_state_bytes, training_memory
+from peft_ismoe.memory import (
+    SavedTensorCounter,
+    TrainingMemory,
+    optimizer_state_bytes,
+    saved_for_backward_bytes,
+    trained_model_memory,
+    training_memory,
+)
 
 
 class Regressor(nn.Module):
@@ -52,3 +59,12 @@ def test_training_memory_of_adamw_counts_two_moments_per_trainable_parameter():
     assert memory.optimizer_state - 2 * trainable_bytes in (0, 4 * len(trainable), 8 * len(trainable))
     assert memory.total == memory.weights + memory.gradients + memory.optimizer_state + memory.saved_for_backward
     assert optimizer_state_bytes(optimizer) == memory.optimizer_state
+
+
+def test_memory_after_training_agrees_with_the_measured_step():
+    model = Regressor(trainable_first=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = {"x": torch.randn(8, 16), "labels": torch.randn(8)}
+    measured = training_memory(model, batch, optimizer)
+    assert trained_model_memory(model, batch, optimizer) == measured
+    assert saved_for_backward_bytes(model, batch) == measured.saved_for_backward == 8 * 32 * 4

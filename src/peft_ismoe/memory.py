@@ -23,7 +23,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["SavedTensorCounter", "TrainingMemory", "optimizer_state_bytes", "peak_rss_bytes", "training_memory"]
+__all__ = [
+    "SavedTensorCounter",
+    "TrainingMemory",
+    "optimizer_state_bytes",
+    "peak_rss_bytes",
+    "saved_for_backward_bytes",
+    "trained_model_memory",
+    "training_memory",
+]
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
@@ -105,6 +113,33 @@ def _tensor_bytes(tensors) -> int:
     for tensor in tensors:
         seen.setdefault(_storage_key(tensor), tensor.untyped_storage().nbytes())
     return sum(seen.values())
+
+
+def saved_for_backward_bytes(model: nn.Module, batch: dict) -> int:
+    """Bytes autograd saves in one training-mode forward of `model` on `batch`; the graph is dropped, not run."""
+    resident = list(model.parameters()) + list(model.buffers())
+    was_training = model.training
+    model.train()
+    try:
+        with SavedTensorCounter(exclude=resident) as counter:
+            model(**batch)
+    finally:
+        model.train(was_training)
+    return counter.nbytes
+
+
+def trained_model_memory(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> TrainingMemory:
+    """The memory of a training step of `model` after training with `optimizer` (whose state exists by now).
+
+    Gradients are counted as one per trainable parameter (they are freed between steps, so they cannot be read
+    back); the saved activations come from one extra forward on `batch`.
+    """
+    return TrainingMemory(
+        weights=_tensor_bytes(list(model.parameters()) + list(model.buffers())),
+        gradients=sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+        optimizer_state=optimizer_state_bytes(optimizer),
+        saved_for_backward=saved_for_backward_bytes(model, batch),
+    )
 
 
 def training_memory(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> TrainingMemory:
