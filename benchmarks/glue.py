@@ -1,0 +1,698 @@
+"""GLUE benchmark: every tuning method on all-MiniLM-L6-v2 under one training budget, resumable run by run.
+
+Tasks: SST-2, MRPC, RTE, CoLA and STS-B, scored on their dev sets (accuracy for SST-2 and RTE, F1 for MRPC,
+Matthews correlation for CoLA, Pearson for STS-B). The backbone is all-MiniLM-L6-v2 (6 layers, width 384) loaded
+offline with ``AutoModelForSequenceClassification``.
+
+Budget, the same for every method: at most 8,000 training examples (the first 8,000 after a shuffle with data
+seed 0, so every method and seed sees the same examples), 2 epochs, batch 32, at most 64 tokens (batches are padded
+to their longest member), AdamW with weight decay 0.01, linear decay after a 6% warm-up, gradient norm clipped to
+1. Only the learning rate depends on the method, from the fixed table ``LEARNING_RATES`` below (chosen once, from
+the usual ranges, not tuned on dev): 5e-5 for full fine-tuning, 1e-3 for LoRA and BitFit, 2e-3 for the side
+networks. Seeds: 3 for lora, lst and mpismoe_8bit, 1 for the others.
+
+Methods:
+    full          full fine-tuning.
+    lora          peft LoRA, r=8, alpha=16, dropout 0.1, on query, key, value and every dense layer; classifier trained.
+    bitfit        biases and the classifier only.
+    lst           ISMoE with one expert and the plain side router, float backbone (Ladder Side-Tuning's design).
+    ismoe_fp32    ISMoE, 8 experts, top-2, interactive router, float backbone.
+    mpismoe_8bit  the same ISMoE on a GNP-IQ 8-bit backbone (MP-ISMoE, the paper's setting).
+    mpismoe_4bit  the same on a GNP-IQ 4-bit backbone.
+The ISMoE methods are skipped, with a message, while ``peft_ismoe.ISMoEConfig`` cannot be imported.
+
+Each (method, task, seed) run executes in its own process (so its peak RSS is its own) and writes
+``benchmarks/results/glue/<method>-<task>-seed<seed>.json`` as soon as it ends: dev metrics, trainable
+parameters, training memory, seconds, versions and the command. A rerun skips runs whose file exists unless
+``--redo``. ``--report`` builds ``docs/results.md`` and the score-against-memory plot from those files alone.
+
+Training memory is an accounting, measured on the model itself, not a guess: bytes of all weights and buffers
+(the packed codes for a GNP-IQ backbone) + gradients of the trainable parameters + optimizer state (read from
+AdamW after the first step) + bytes autograd saves for backward, captured with
+``torch.autograd.graph.saved_tensors_hooks`` during one forward pass on a full 32 x 64-token batch (storages shared
+with parameters are not counted twice). The process's peak RSS (and on CUDA the peak allocated bytes) is recorded
+beside it.
+
+Usage:
+    python benchmarks/glue.py --methods lora --tasks sst2 mrpc --seeds 0 --threads 1
+    python benchmarks/glue.py                 # everything missing, in the default order
+    python benchmarks/glue.py --report        # docs/results.md and docs/figures/glue_score_vs_memory.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results" / "glue"
+DEFAULT_DATA_DIR = Path(os.environ.get("GLUE_DIR", REPO_ROOT.parent / "shared" / "data" / "glue"))
+DEFAULT_REPORT = REPO_ROOT / "docs" / "results.md"
+DEFAULT_FIGURE = REPO_ROOT / "docs" / "figures" / "glue_score_vs_memory.png"
+
+TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
+METHODS = ("lora", "full", "bitfit", "lst", "ismoe_fp32", "mpismoe_8bit", "mpismoe_4bit")
+ISMOE_METHODS = ("lst", "ismoe_fp32", "mpismoe_8bit", "mpismoe_4bit")
+LEARNING_RATES = {
+    "full": 5e-5,
+    "lora": 1e-3,
+    "bitfit": 1e-3,
+    "lst": 2e-3,
+    "ismoe_fp32": 2e-3,
+    "mpismoe_8bit": 2e-3,
+    "mpismoe_4bit": 2e-3,
+}
+NUM_SEEDS = {"lora": 3, "lst": 3, "mpismoe_8bit": 3}  # every other method: 1
+METHOD_LABELS = {
+    "full": "Full fine-tuning",
+    "lora": "LoRA (r=8)",
+    "bitfit": "BitFit",
+    "lst": "LST-like (ISMoE, 1 expert, side router)",
+    "ismoe_fp32": "ISMoE, fp32 backbone",
+    "mpismoe_8bit": "MP-ISMoE, 8-bit GNP-IQ backbone",
+    "mpismoe_4bit": "MP-ISMoE, 4-bit GNP-IQ backbone",
+}
+LORA_TARGETS = ["query", "key", "value", "dense"]
+
+logger = logging.getLogger("benchmarks.glue")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The training budget shared by every method."""
+
+    max_train: int = 8000
+    epochs: int = 2
+    batch_size: int = 32
+    max_length: int = 64
+    data_seed: int = 0
+    warmup_fraction: float = 0.06
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+
+    def describe(self) -> str:
+        return (
+            f"at most {self.max_train:,} training examples (first after a seed-{self.data_seed} shuffle), "
+            f"{self.epochs} epochs, batch {self.batch_size}, at most {self.max_length} tokens"
+        )
+
+
+def result_path(results_dir: Path, method: str, task: str, seed: int) -> Path:
+    return results_dir / f"{method}-{task}-seed{seed}.json"
+
+
+def ismoe_available() -> bool:
+    try:
+        from peft_ismoe import ISMoEConfig  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_model(method: str, num_labels: int):
+    """The all-MiniLM-L6-v2 classifier prepared for `method`: only the parameters it trains require grad."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    import peft_ismoe
+    from peft_ismoe.backbones import minilm_path
+
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
+
+    if method == "full":
+        return model
+    if method == "bitfit":
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.endswith(".bias") or name.startswith("classifier.")
+        return model
+    if method == "lora":
+        config = peft.LoraConfig(
+            task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1, target_modules=LORA_TARGETS
+        )
+        return peft.get_peft_model(model, config)
+
+    if method not in ISMOE_METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if method.startswith("mpismoe_"):
+        bits = int(method.removeprefix("mpismoe_").removesuffix("bit"))
+        model = peft_ismoe.quantize_model(model, peft_ismoe.GNPIQConfig(bits=bits), progress_bar=False)
+    if method == "lst":
+        config = peft_ismoe.ISMoEConfig(task_type="SEQ_CLS", num_experts=1, top_k=1, router="side")
+    else:
+        config = peft_ismoe.ISMoEConfig(task_type="SEQ_CLS", num_experts=8, top_k=2, router="interactive")
+    return peft.get_peft_model(model, config)
+
+
+def tokenize(split, tokenizer, max_length: int) -> list[dict]:
+    """One feature dict per example (input ids, attention mask, token types, label), unpadded."""
+    encoded = tokenizer(*split.texts(), truncation=True, max_length=max_length)
+    features = [{key: encoded[key][i] for key in encoded.keys()} for i in range(len(split))]
+    for feature, label in zip(features, split.labels, strict=True):
+        feature["labels"] = label
+    return features
+
+
+def collate(features: list[dict], tokenizer, device, pad_to: int | None = None) -> dict:
+    import torch
+
+    labels = [feature["labels"] for feature in features]
+    inputs = [{key: value for key, value in feature.items() if key != "labels"} for feature in features]
+    padding = "max_length" if pad_to else "longest"
+    batch = tokenizer.pad(inputs, padding=padding, max_length=pad_to, return_tensors="pt")
+    dtype = torch.float32 if isinstance(labels[0], float) else torch.long
+    batch["labels"] = torch.tensor(labels, dtype=dtype)
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (tied or viewed tensors count once)."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def measure_saved_and_gradients(model, batch) -> dict[str, int]:
+    """Bytes autograd saves for backward on `batch`, and the gradient bytes its backward pass leaves.
+
+    Storages that belong to a parameter or buffer (a frozen weight saved for the input's gradient) are already
+    counted among the weights and are left out here. The gradients are cleared afterwards, no step is taken.
+    """
+    import torch
+
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+            return tensor
+        if storage.data_ptr() not in owned:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch).loss
+    loss.backward()
+    gradient_bytes = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    return {"saved_for_backward_bytes": sum(saved.values()), "gradient_bytes": gradient_bytes}
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    import torch
+
+    return _tensor_bytes(
+        value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)
+    )
+
+
+def evaluate(model, features: list[dict], tokenizer, device, task, batch_size: int = 128) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from peft_ismoe.data import glue_metrics, predictions_from_logits
+
+    model.eval()
+    logits = []
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            batch = collate(features[start : start + batch_size], tokenizer, device)
+            batch.pop("labels")
+            logits.append(model(**batch).logits.float().cpu().numpy())
+    predictions = predictions_from_logits(np.concatenate(logits), task)
+    return glue_metrics(task, predictions, [feature["labels"] for feature in features])
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import peft
+    import torch
+    import transformers
+
+    import peft_ismoe
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "peft_ismoe": peft_ismoe.__version__,
+        "numpy": numpy.__version__,
+        "git_commit": commit,
+        "platform": platform.platform(),
+    }
+
+
+def run_one(method: str, task_name: str, seed: int, budget: Budget, args: argparse.Namespace) -> dict:
+    """Train `method` on `task_name` with `seed` under `budget`, evaluate on dev, and return the result record."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from peft_ismoe.backbones import minilm_path
+    from peft_ismoe.data import get_glue_task, load_glue
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    task = get_glue_task(task_name)
+    started = time.perf_counter()
+
+    # Data: the same shuffled subset for every method and seed; the seed only orders batches and initialises.
+    train_split, dev_split = load_glue(task, "train", args.data_dir), load_glue(task, "dev", args.data_dir)
+    order = np.random.default_rng(budget.data_seed).permutation(len(train_split))[: budget.max_train]
+    train_split = train_split.select(order.tolist())
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    train_features = tokenize(train_split, tokenizer, budget.max_length)
+    dev_features = tokenize(dev_split, tokenizer, budget.max_length)
+
+    torch.manual_seed(seed)
+    model = build_model(method, task.num_labels).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    num_trainable = sum(p.numel() for p in trainable)
+    num_total = sum(p.numel() for p in model.parameters())
+    weight_bytes = _tensor_bytes([*model.parameters(), *model.buffers()])
+    logger.info("%s on %s, seed %d: %s trainable of %s parameters", method, task.name, seed, num_trainable, num_total)
+
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATES[method], weight_decay=budget.weight_decay)
+    steps_per_epoch = math.ceil(len(train_features) / budget.batch_size)
+    total_steps = steps_per_epoch * budget.epochs
+    warmup = max(1, round(budget.warmup_fraction * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup)))
+    )
+
+    # Memory accounting on one full-length batch, before training (no step is taken).
+    model.train()
+    probe = collate(train_features[: budget.batch_size], tokenizer, device, pad_to=budget.max_length)
+    memory = measure_saved_and_gradients(model, probe)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    generator = np.random.default_rng(seed)
+    losses, step = [], 0
+    train_started = time.perf_counter()
+    for epoch in range(budget.epochs):
+        model.train()
+        permutation = generator.permutation(len(train_features))
+        for start in range(0, len(permutation), budget.batch_size):
+            batch = collate(
+                [train_features[i] for i in permutation[start : start + budget.batch_size]], tokenizer, device
+            )
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, budget.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step == 0:
+                memory["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+            losses.append(loss.item())
+            step += 1
+            if step % args.log_every == 0 or step == total_steps:
+                logger.info(
+                    "%s %s seed %d: epoch %d step %d/%d loss %.4f (%.0f s)",
+                    method, task.name, seed, epoch, step, total_steps, np.mean(losses[-args.log_every :]),
+                    time.perf_counter() - train_started,
+                )  # fmt: skip
+    train_seconds = time.perf_counter() - train_started
+
+    eval_started = time.perf_counter()
+    metrics = evaluate(model, dev_features, tokenizer, device, task)
+    eval_seconds = time.perf_counter() - eval_started
+
+    memory["weight_bytes"] = weight_bytes
+    memory["total_bytes"] = (
+        weight_bytes + memory["gradient_bytes"] + memory["optimizer_state_bytes"] + memory["saved_for_backward_bytes"]
+    )
+    memory["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if device.type == "cuda":
+        memory["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+
+    chunk = max(1, len(losses) // 20)
+    return {
+        "method": method,
+        "task": task.name,
+        "seed": seed,
+        "metric": task.metric,
+        "score": metrics["score"],
+        "metrics": metrics,
+        "trainable_parameters": num_trainable,
+        "total_parameters": num_total,
+        "memory": memory,
+        "seconds": {
+            "train": train_seconds,
+            "eval": eval_seconds,
+            "total": time.perf_counter() - started,
+        },
+        "learning_rate": LEARNING_RATES[method],
+        "budget": asdict(budget) | {"train_examples": len(train_features), "steps": total_steps},
+        "train_loss_curve": [float(np.mean(losses[i : i + chunk])) for i in range(0, len(losses), chunk)],
+        "device": str(device),
+        "threads": args.threads,
+        "versions": versions(),
+        "command": args.command,
+        "run_command": " ".join(shlex.quote(part) for part in single_run_argv(method, task.name, seed, args)),
+    }
+
+
+def write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    temporary.replace(path)  # a run interrupted while writing never leaves a half file that would be skipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driving runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def single_run_argv(method: str, task: str, seed: int, args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--single",
+        f"{method}:{task}:{seed}",
+        "--device", args.device,
+        "--threads", str(args.threads),
+        "--max-train", str(args.max_train),
+        "--data-dir", str(args.data_dir),
+        "--results-dir", str(args.results_dir),
+        "--command", args.command,
+    ]  # fmt: skip
+
+
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    runs = []
+    for method in args.methods:
+        seeds = args.seeds if args.seeds is not None else list(range(NUM_SEEDS.get(method, 1)))
+        for task in args.tasks:
+            runs.extend((method, task, seed) for seed in seeds)
+    return runs
+
+
+def run_all(args: argparse.Namespace) -> int:
+    have_ismoe = ismoe_available()
+    failures = 0
+    for method, task, seed in planned_runs(args):
+        path = result_path(args.results_dir, method, task, seed)
+        if method in ISMOE_METHODS and not have_ismoe:
+            logger.warning(
+                "Skipping %s on %s (seed %d): peft_ismoe.ISMoEConfig is not importable yet", method, task, seed
+            )
+            continue
+        if path.exists() and not args.redo:
+            logger.info("Skipping %s: already done (pass --redo to run it again)", path.name)
+            continue
+        logger.info("Running %s on %s, seed %d", method, task, seed)
+        completed = subprocess.run(single_run_argv(method, task, seed, args))
+        if completed.returncode != 0:
+            failures += 1
+            logger.error("%s on %s, seed %d failed with exit code %d", method, task, seed, completed.returncode)
+    return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(results_dir.glob("*.json"))]
+
+
+def chance_levels(data_dir: Path) -> dict[str, tuple[float, float]]:
+    """Per task: the score of a constant predictor (majority class; 0 for correlations) and a noise margin.
+
+    The margin is two binomial standard errors of an accuracy at the majority rate on the dev set (two over the
+    square root of the dev size for the correlations, their standard error under no correlation). A score below
+    chance + margin is "near chance".
+    """
+    from peft_ismoe.data import binary_f1, get_glue_task, load_glue
+
+    levels = {}
+    for name in TASKS:
+        task = get_glue_task(name)
+        labels = load_glue(task, "dev", data_dir).labels
+        n = len(labels)
+        if task.metric in ("pearson", "matthews_correlation"):
+            levels[name] = (0.0, 100 * 2 / math.sqrt(n))
+            continue
+        majority = max(set(labels), key=labels.count)
+        rate = labels.count(majority) / n
+        margin = 100 * 2 * math.sqrt(rate * (1 - rate) / n)
+        chance = binary_f1([majority] * n, labels) if task.metric == "f1" else rate
+        levels[name] = (100 * chance, margin)
+    return levels
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _format_score(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean, std = _mean_std(values)
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def summarise(results: list[dict]) -> dict[str, dict]:
+    """Per method: scores per task (in points), memory and time per run, parameters and seed counts."""
+    by_method: dict[str, dict] = {}
+    for record in results:
+        entry = by_method.setdefault(
+            record["method"],
+            {"scores": defaultdict(list), "memory": [], "rss": [], "seconds": [], "trainable": set(), "total": set()},
+        )
+        entry["scores"][record["task"]].append(100 * record["score"])
+        entry["memory"].append(record["memory"]["total_bytes"])
+        entry["rss"].append(record["memory"]["peak_rss_bytes"])
+        entry["seconds"].append(record["seconds"]["total"])
+        entry["trainable"].add(record["trainable_parameters"])
+        entry["total"].add(record["total_parameters"])
+    return by_method
+
+
+def write_report(results: list[dict], data_dir: Path, report_path: Path, figure_path: Path) -> str:
+    if not results:
+        raise ValueError(f"No result files to report on; run the benchmark first (looked in {DEFAULT_RESULTS_DIR}).")
+    budgets = {
+        json.dumps({k: v for k, v in r["budget"].items() if k not in ("train_examples", "steps")}) for r in results
+    }
+    budget = Budget(**json.loads(sorted(budgets)[0]))
+    if len(budgets) > 1:
+        logger.warning("The result files hold %d different budgets; the table states the first", len(budgets))
+    devices = sorted({r["device"] for r in results})
+    levels = chance_levels(data_dir)
+    summary = summarise(results)
+    methods = [m for m in METHODS if m in summary]
+    mib = 2**20
+
+    task_heads = {"sst2": "SST-2 acc", "mrpc": "MRPC F1", "rte": "RTE acc", "cola": "CoLA MCC", "stsb": "STS-B r"}
+    at_chance = [
+        task
+        for task in TASKS
+        if any(summary[m]["scores"].get(task) for m in methods)
+        and all(
+            _mean_std(summary[m]["scores"][task])[0] < sum(levels[task])
+            for m in methods
+            if summary[m]["scores"].get(task)
+        )
+    ]
+    lines = [
+        "# GLUE results",
+        "",
+        "Generated by `python benchmarks/glue.py --report` from the JSON files in `benchmarks/results/glue/`; "
+        "do not edit by hand.",
+        "",
+        f"Backbone all-MiniLM-L6-v2 (6 layers, width 384), dev sets. Budget, the same for every method: "
+        f"{budget.describe()}; AdamW, weight decay {budget.weight_decay}, linear decay after a "
+        f"{budget.warmup_fraction:.0%} warm-up. Device: {', '.join(devices)}.",
+        "",
+        "Scores are in points (mean ± sample standard deviation over seeds where there are several). Training "
+        "memory is the accounting of weights + gradients + optimizer state + tensors saved for backward on one "
+        f"{budget.batch_size} x {budget.max_length}-token batch; peak RSS is the whole process's, Python and "
+        "data included.",
+        "",
+        "| method | seeds | trainable params | train memory (MiB) | peak RSS (MiB) | s / run | "
+        + " | ".join(task_heads[t] + (" (at chance)" if t in at_chance else "") for t in TASKS)
+        + " | mean |",
+        "|---|---|---|---|---|---|" + "---|" * len(TASKS) + "---|",
+    ]
+    for method in methods:
+        entry = summary[method]
+        seeds = sorted({len(v) for v in entry["scores"].values()})
+        task_means = [_mean_std(entry["scores"][t])[0] for t in TASKS if entry["scores"].get(t)]
+        mean = f"{sum(task_means) / len(task_means):.1f}" if len(task_means) == len(TASKS) else "—"
+        trainable = max(entry["trainable"])
+        lines.append(
+            f"| {METHOD_LABELS[method]} | {'/'.join(map(str, seeds))} | {trainable:,} "
+            f"({100 * trainable / max(entry['total']):.2f}%) | {max(entry['memory']) / mib:.1f} | "
+            f"{max(entry['rss']) / mib:.0f} | {sum(entry['seconds']) / len(entry['seconds']):.0f} | "
+            + " | ".join(_format_score(entry["scores"].get(t, [])) for t in TASKS)
+            + f" | {mean} |"
+        )
+    lines.append(
+        "| *constant predictor (chance)* | | | | | | " + " | ".join(f"*{levels[t][0]:.1f}*" for t in TASKS) + " | |"
+    )
+    lines += [
+        "",
+        "Trainable parameters are those of the two-class tasks (STS-B's one-output head has 385 fewer); the mean "
+        "is over the five tasks and shown only where all five have a result.",
+        "",
+    ]
+    if at_chance:
+        names = ", ".join(task_heads[t].split()[0] for t in at_chance)
+        lines += [
+            f"**At chance:** on {names} every method scores below the constant predictor plus two standard errors "
+            "of the dev set; differences between methods there are noise, not a ranking.",
+            "",
+        ]
+    lines += ["Learning rates (fixed, not tuned on dev):", ""]
+    lines += [f"- {METHOD_LABELS[m]}: {LEARNING_RATES[m]:g}" for m in methods]
+    lines += ["", f"![score against training memory]({os.path.relpath(figure_path, report_path.parent)})", ""]
+
+    plot_score_vs_memory(summary, methods, figure_path)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def plot_score_vs_memory(summary: dict[str, dict], methods: list[str], figure_path: Path) -> None:
+    """One panel per task: each method's mean dev score against its training memory (accounting, MiB)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    panels = [*TASKS, "mean"]
+    for axis, panel in zip(axes.flat, panels, strict=True):
+        for index, method in enumerate(methods):
+            entry = summary[method]
+            memory = max(entry["memory"]) / 2**20
+            if panel == "mean":
+                if not all(entry["scores"].get(t) for t in TASKS):
+                    continue
+                score, std = sum(_mean_std(entry["scores"][t])[0] for t in TASKS) / len(TASKS), None
+            elif entry["scores"].get(panel):
+                score, std = _mean_std(entry["scores"][panel])
+            else:
+                continue
+            axis.errorbar(memory, score, yerr=std, fmt="o", color=f"C{index}", label=METHOD_LABELS[method], capsize=3)
+        axis.set_xscale("log")
+        axis.set_title(panel.upper() if panel != "mean" else "mean over the five tasks")
+        axis.set_xlabel("training memory (MiB, log scale)")
+        axis.set_ylabel("dev score (points)")
+        axis.grid(alpha=0.3)
+    handles, labels = [], []
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=9)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    figure_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(figure_path, dpi=120)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="Default: 3 or 1 per method.")
+    parser.add_argument("--max-train", type=int, default=Budget.max_train, help="Training examples at most.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default all cores).")
+    parser.add_argument("--redo", action="store_true", help="Run again even where a result file exists.")
+    parser.add_argument("--report", action="store_true", help="Only assemble docs/results.md and the plot.")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="Folder of the GLUE TSV files.")
+    parser.add_argument("--results-dir", type=Path, default=None, help="Default benchmarks/results/glue[/cuda].")
+    parser.add_argument("--report-path", type=Path, default=DEFAULT_REPORT)
+    parser.add_argument("--figure-path", type=Path, default=DEFAULT_FIGURE)
+    parser.add_argument("--log-every", type=int, default=50, help="Training steps between loss log lines.")
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # method:task:seed, run in this process
+    parser.add_argument("--command", default=None, help=argparse.SUPPRESS)  # the user's command, kept in results
+    args = parser.parse_args(argv)
+
+    if args.max_train < 1:
+        parser.error(f"--max-train must be a positive integer, got {args.max_train!r}")
+    if args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads!r}")
+    if args.results_dir is None:
+        args.results_dir = DEFAULT_RESULTS_DIR / ("cuda" if args.device.startswith("cuda") else "")
+    if args.command is None:
+        args.command = " ".join(
+            shlex.quote(part) for part in ["python", "benchmarks/glue.py", *(argv or sys.argv[1:])]
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+
+    if args.report:
+        table = write_report(load_results(args.results_dir), args.data_dir, args.report_path, args.figure_path)
+        logger.info("Wrote %s and %s\n%s", args.report_path, args.figure_path, table)
+        return 0
+
+    if args.single is not None:
+        method, task, seed = args.single.split(":")
+        budget = Budget(max_train=args.max_train)
+        record = run_one(method, task, int(seed), budget, args)
+        path = result_path(args.results_dir, method, task, int(seed))
+        write_json(path, record)
+        logger.info(
+            "%s on %s, seed %s: %s %.4f, %.1f MiB training memory, %.0f s -> %s",
+            method, task, seed, record["metric"], record["score"], record["memory"]["total_bytes"] / 2**20,
+            record["seconds"]["total"], path,
+        )  # fmt: skip
+        return 0
+
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
