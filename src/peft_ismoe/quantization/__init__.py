@@ -1,5 +1,6 @@
 """GNP-IQ: low-bit, group-wise storage of a frozen backbone's linear weights."""
 
+from .callback import GNPIQRequantizeCallback, RefinedGrid, RequantizeRound, refine_grid
 from .config import DEFAULT_MODULES_TO_NOT_CONVERT, GNPIQConfig
 from .hf_quantizer import GNPIQHfQuantizer, GNPIQWarning, register_with_transformers
 from .linear import GNPIQLinear
@@ -18,8 +19,11 @@ __all__ = [
     "GNPIQConfig",
     "GNPIQHfQuantizer",
     "GNPIQLinear",
+    "GNPIQRequantizeCallback",
     "GNPIQWarning",
     "QuantizedWeight",
+    "RefinedGrid",
+    "RequantizeRound",
     "collect_input_importance",
     "find_linear_layers",
     "gnpiq_quantize",
@@ -29,6 +33,7 @@ __all__ = [
     "packed_numel",
     "quantize_linear_layers",
     "quantize_model",
+    "refine_grid",
     "register_with_transformers",
     "unpack_codes",
 ]
