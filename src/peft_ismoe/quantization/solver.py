@@ -13,16 +13,23 @@ the solver is data-free). Rows whose input width is not a multiple of ``group_si
 The search:
 
 1. start from min-max rounding (the grid spans exactly the group's range);
-2. each iteration proposes a new grid per group by rounding *perturbed* weights ``W + e`` with
-   ``e ~ N(0, (sigma_t * scale)**2)`` on the current grid, refitting scale and zero in closed form (weighted least
-   squares of ``W`` on the perturbed codes), then polishing with ``refine_steps`` rounds of "round, refit";
+2. each iteration proposes a new grid per group by rounding *perturbed* weights ``W + e`` on the current grid, with
+   ``e ~ N(0, (sigma_t * scale)**2)``, refitting scale and zero in closed form (weighted least squares of ``W`` on
+   the perturbed codes), then polishing with ``refine_steps`` rounds of "round, refit";
 3. a group adopts the proposal only where it lowers ``E_g``, so the error never rises; ``sigma_t`` decays
-   geometrically (``noise_std * noise_decay**t``) so late iterations explore close to the incumbent.
+   geometrically, ``sigma_t = noise_std * noise_decay**t * sqrt((2**n - 1) / 15)``, so late iterations explore close
+   to the incumbent. The last factor is 1 at 4 bits and widens the noise on finer grids (2.1 quantization steps at
+   8 bits against 0.22 at 2 bits, for ``noise_std = 0.5``): on a grid of 255 steps a nudge of half a step only
+   reaches the neighbouring local minimum of ``E_g``, while on a grid of 3 steps it already moves the grid a lot.
 
 Rounding is the exact minimiser of ``E_g`` for a fixed grid and the least-squares refit the exact minimiser for fixed
 codes, so "round, refit" alone descends to the nearest local minimum; the noise is what lets a group leave it, in
 the spirit of the perturbations of MP-ISMoE (arXiv 2605.04058). Scales and zero points are finally stored in float16,
 and the codes are rounded once more against those stored values, so what is evaluated is exactly what is served.
+
+The noise of a block of groups is drawn once, as a bank of Gaussian rows twice as many as the groups, and each
+iteration deals every group a row picked at random and a random sign: drawing fresh Gaussians every iteration cost
+as much as the rest of the iteration together.
 """
 
 from __future__ import annotations
@@ -32,13 +39,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantizedWeight", "dequantize_groups", "gnpiq_quantize", "minmax_quantize"]
+from .packing import SUPPORTED_BITS
+
+__all__ = ["QuantizedWeight", "dequantize_groups", "gnpiq_quantize", "minmax_quantize", "noise_in_steps"]
 
 # Variance of the codes below which a least-squares refit of a group is ill-posed (all codes equal).
 _MIN_CODE_VARIANCE = 1e-8
 
 # Groups searched together; 2048 groups of 64 float32 weights keep a block's working tensors at 512 KiB each.
 _GROUPS_PER_BLOCK = 2048
+
+# Rows of Gaussian noise drawn per group of a block, dealt out at random across the iterations.
+_NOISE_BANK_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,79 @@ def dequantize_groups(
     return W.view(out_features, -1)[:, :in_features]
 
 
+def noise_in_steps(noise_std: float, bits: int) -> float:
+    """The initial perturbation in quantization steps at `bits`: `noise_std` times ``sqrt((2**bits - 1) / 15)``."""
+    return noise_std * math.sqrt((2**bits - 1) / 15)
+
+
+class _Groups:
+    """A block of groups and the per-group constants every round and refit reuses.
+
+    ``W`` and ``h`` are ``[groups, group_size]`` (``h`` None means all ones); ``total`` is each group's summed
+    weight, ``mean`` its weighted mean, ``h_centred = h * (W - mean)``: with it the covariance of codes and weights
+    is one dot product, because the weighted sum of ``W - mean`` is zero.
+    """
+
+    def __init__(self, W: torch.Tensor, h: torch.Tensor | None) -> None:
+        self.W = W
+        self.h = h
+        group_size = W.shape[1]
+        if h is None:
+            self.total = torch.full((W.shape[0],), float(group_size), dtype=torch.float64, device=W.device)
+            self.mean = W.mean(dim=1)
+            self.h_centred = W - self.mean[:, None]
+        else:
+            self.total = h.sum(dim=1, dtype=torch.float64).clamp_min(1e-30)
+            self.mean = (torch.linalg.vecdot(h, W) / self.total).float()
+            self.h_centred = h * (W - self.mean[:, None])
+        self._buffer = torch.empty_like(W)
+
+    def round(self, scale: torch.Tensor, zero: torch.Tensor, qmax: int, out: torch.Tensor) -> torch.Tensor:
+        """Nearest code on each group's grid, into `out`: the exact minimiser of the error for a fixed grid."""
+        # NOTE: multiply then add in place; addcmul with a broadcast first operand takes a slow path on CPU.
+        torch.mul(self.W, scale.reciprocal()[:, None], out=out).add_(zero[:, None])
+        return out.round_().clamp_(0, qmax)
+
+    def refit(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted least squares of ``W ~ a * q + b`` per group, returned as ``scale = a, zero = -b / a``.
+
+        Minimises ``sum_j h_j (W_j - a q_j - b)**2`` in closed form. Where the codes of a group are all equal the
+        fit is ill-posed (any scale works); such groups, and any whose fitted scale is not positive, keep `scale`,
+        and their zero point is moved so the group dequantizes to its weighted mean.
+        """
+        # Sums of integer codes are exact in float32; the variance is taken in float64 to avoid cancellation.
+        if self.h is None:
+            q_sum, q_square = q.sum(dim=1), torch.linalg.vecdot(q, q)
+        else:
+            hq = torch.mul(q, self.h, out=self._buffer)
+            q_sum, q_square = hq.sum(dim=1), torch.linalg.vecdot(hq, q)
+        q_mean = q_sum.double() / self.total
+        var_q = (q_square.double() / self.total - q_mean.square()).float()
+        cov = (torch.linalg.vecdot(q, self.h_centred).double() / self.total).float()
+        q_mean = q_mean.float()
+
+        a = cov / var_q.clamp_min(_MIN_CODE_VARIANCE)
+        ok = (var_q > _MIN_CODE_VARIANCE) & (a > 0)
+        new_scale = torch.where(ok, a, scale)
+        return new_scale, q_mean - self.mean / new_scale
+
+    def error(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Weighted squared error of each group, ``[groups]``."""
+        residual = torch.sub(q, zero[:, None], out=self._buffer)
+        residual.mul_(scale[:, None]).sub_(self.W)
+        if self.h is None:
+            return torch.linalg.vecdot(residual, residual)
+        return torch.linalg.vecdot(residual * self.h, residual)
+
+    def minmax(self, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Asymmetric min-max grid: codes 0 and ``qmax`` land exactly on each group's minimum and maximum."""
+        lo, hi = self.W.aminmax(dim=1)
+        # A constant group has no range; any positive scale represents it exactly through the zero point.
+        span = torch.where(hi > lo, hi - lo, lo.abs().clamp_min(1e-8))
+        scale = span / qmax
+        return scale, -lo / scale
+
+
 def _group(
     W: torch.Tensor, group_size: int, importance: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -104,64 +189,27 @@ def _group(
         W = torch.cat([W, W[:, -1:].expand(out_features, padding)], dim=1)
         h = torch.cat([h, h.new_zeros(padding)])
     Wg = W.reshape(-1, group_size)  # [out * groups, group_size]
-    hg = h.view(1, -1, group_size).expand(out_features, -1, -1).reshape(-1, group_size)
+    hg = h.view(1, -1, group_size).expand(out_features, -1, -1).reshape(-1, group_size).contiguous()
     return Wg, hg
 
 
 def _round(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Nearest code on each group's grid: the exact minimiser of the error for a fixed scale and zero."""
-    q = Wg * scale.reciprocal()[:, None]
-    q += zero[:, None]
-    return q.round_().clamp_(0, qmax)
-
-
-def _weighted_mean(x: torch.Tensor, hg: torch.Tensor | None, H: torch.Tensor | float) -> torch.Tensor:
-    return x.mean(dim=1) if hg is None else (hg * x).sum(dim=1) / H
+    """Nearest codes of `Wg` on the grid (scale, zero), as a new tensor."""
+    return _Groups(Wg, None).round(scale, zero, qmax, out=torch.empty_like(Wg))
 
 
 def _refit(
     Wg: torch.Tensor, hg: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted least squares of ``W ~ a * q + b`` per group, returned as ``scale = a, zero = -b / a``.
-
-    Minimises ``sum_j h_j (W_j - a q_j - b)**2`` in closed form (``h = 1`` when `hg` is None). Where the codes of a
-    group are all equal the fit is ill-posed (any scale works); such groups, and any whose fitted scale is not
-    positive, keep `scale`, and their zero point is moved so the group dequantizes to its weighted mean.
-    """
-    H = 1.0 if hg is None else hg.sum(dim=1).clamp_min(1e-30)
-    q_mean = _weighted_mean(q, hg, H)
-    W_mean = _weighted_mean(Wg, hg, H)
-    dq = q - q_mean[:, None]
-    var_q = _weighted_mean(dq * dq, hg, H)
-    cov = _weighted_mean(dq * Wg, hg, H)  # the mean of W cancels against the centred codes
-
-    a = cov / var_q.clamp_min(_MIN_CODE_VARIANCE)
-    ok = (var_q > _MIN_CODE_VARIANCE) & (a > 0)
-    new_scale = torch.where(ok, a, scale)
-    new_zero = q_mean - W_mean / new_scale
-    return new_scale, new_zero
+    """Least-squares scale and zero of `Wg` for the codes `q` (see `_Groups.refit`); `zero` is not used."""
+    return _Groups(Wg, hg).refit(q, scale)
 
 
-def _error(Wg: torch.Tensor, hg: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+def _error(
+    Wg: torch.Tensor, hg: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
     """Weighted squared error of each group, ``[num_groups_total]``."""
-    residual = q - zero[:, None]
-    residual *= scale[:, None]
-    residual -= Wg
-    residual.square_()
-    if hg is not None:
-        residual *= hg
-    return residual.sum(dim=1)
-
-
-def _minmax(Wg: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max grid: codes 0 and ``qmax`` land exactly on each group's minimum and maximum."""
-    lo = Wg.amin(dim=1)
-    hi = Wg.amax(dim=1)
-    # A constant group has no range; any positive scale represents it exactly through the zero point.
-    span = torch.where(hi > lo, hi - lo, lo.abs().clamp_min(1e-8))
-    scale = span / qmax
-    zero = -lo / scale
-    return scale, zero
+    return _Groups(Wg, hg).error(q, scale, zero)
 
 
 def _perturbed_proposal(
@@ -175,52 +223,119 @@ def _perturbed_proposal(
     refine_steps: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One GNP-IQ proposal: codes of the noisy weights, refit to the true weights, then a few "round, refit" steps.
+    """One proposal with fresh noise of `sigma` quantization steps: its scale, zero and per-group error.
 
-    The noise is measured in quantization steps of each group (``sigma * scale``), so one setting suits every bit
-    width and every layer's weight magnitude. Returns the proposed scale, zero and their per-group error.
+    For callers that search a few groups at a time; the solver itself deals its noise from a bank (`_iterate`).
     """
-    noise = torch.randn(Wg.shape, generator=generator, device=Wg.device, dtype=Wg.dtype)
-    noise *= sigma * scale[:, None]
-    noise += Wg
-    q = _round(noise, scale, zero, qmax)
-    scale, zero = _refit(Wg, hg, q, scale, zero)
+    groups = _Groups(Wg, hg)
+    q = torch.randn(Wg.shape, generator=generator, device=Wg.device, dtype=Wg.dtype)
+    q.mul_(sigma).addcmul_(Wg, scale.reciprocal()[:, None]).add_(zero[:, None]).round_().clamp_(0, qmax)
+    new_scale, new_zero = groups.refit(q, scale)
     for _ in range(refine_steps):
-        q = _round(Wg, scale, zero, qmax)
-        scale, zero = _refit(Wg, hg, q, scale, zero)
-    q = _round(Wg, scale, zero, qmax)
-    return scale, zero, _error(Wg, hg, q, scale, zero)
+        new_scale, new_zero = groups.refit(groups.round(new_scale, new_zero, qmax, out=q), new_scale)
+    return new_scale, new_zero, groups.error(groups.round(new_scale, new_zero, qmax, out=q), new_scale, new_zero)
+
+
+def _iterate(
+    groups: _Groups,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    err: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    qmax: int,
+    sigma: float,
+    refine_steps: int,
+    generator: torch.Generator,
+    q: torch.Tensor,
+    e: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GNP-IQ iteration: propose a grid from perturbed weights, polish it, keep it where it lowers the error.
+
+    The perturbation is in quantization steps of each group (``W + sigma * scale * e`` divided by ``scale`` is
+    ``W / scale + sigma * e``), so the noise rows are added to the scaled weights directly. `q` and `e` are work
+    buffers shaped like the block.
+    """
+    num_groups = scale.shape[0]
+    rows = torch.randint(0, noise.shape[0], (num_groups,), generator=generator, device=noise.device)
+    signs = torch.randint(0, 2, (num_groups,), generator=generator, device=noise.device).float()
+    amplitude = signs.mul_(2 * sigma).sub_(sigma)  # +-sigma per group
+    torch.index_select(noise, 0, rows, out=e)  # [groups, group_size]
+
+    # Codes of the perturbed weights on the current grid, then the least-squares grid of the true weights.
+    torch.mul(groups.W, scale.reciprocal()[:, None], out=q).add_(zero[:, None])
+    q.addcmul_(e, amplitude[:, None]).round_().clamp_(0, qmax)
+    new_scale, new_zero = groups.refit(q, scale)
+    for _ in range(refine_steps):
+        new_scale, new_zero = groups.refit(groups.round(new_scale, new_zero, qmax, out=q), new_scale)
+    new_err = groups.error(groups.round(new_scale, new_zero, qmax, out=q), new_scale, new_zero)
+
+    # Keep-if-better, group by group: the error never rises.
+    better = new_err < err
+    return (
+        torch.where(better, new_scale, scale),
+        torch.where(better, new_zero, zero),
+        torch.where(better, new_err, err),
+    )
 
 
 def _search_block(
-    Wg: torch.Tensor,
-    hg: torch.Tensor | None,
+    groups: _Groups,
     *,
     qmax: int,
     num_iterations: int,
-    noise_std: float,
+    sigma: float,
     noise_decay: float,
     refine_steps: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GNP-IQ search on a block of groups: returns scale, zero and the block's summed error per iteration."""
-    # Start: the min-max grid.
-    scale, zero = _minmax(Wg, qmax)
-    err = _error(Wg, hg, _round(Wg, scale, zero, qmax), scale, zero)
+    q = torch.empty_like(groups.W)
+    scale, zero = groups.minmax(qmax)
+    err = groups.error(groups.round(scale, zero, qmax, out=q), scale, zero)
     history = [err.sum()]
+    if num_iterations == 0:
+        return scale, zero, torch.stack(history)
 
-    # Perturb, refit, keep improvements group by group.
+    bank_shape = (_NOISE_BANK_FACTOR * groups.W.shape[0], groups.W.shape[1])
+    noise = torch.randn(bank_shape, generator=generator, device=groups.W.device, dtype=groups.W.dtype)
+    e = torch.empty_like(groups.W)
     for t in range(num_iterations):
-        sigma = noise_std * noise_decay**t
-        new_scale, new_zero, new_err = _perturbed_proposal(
-            Wg, hg, scale, zero, qmax=qmax, sigma=sigma, refine_steps=refine_steps, generator=generator
+        scale, zero, err = _iterate(
+            groups,
+            scale,
+            zero,
+            err,
+            noise,
+            qmax=qmax,
+            sigma=sigma * noise_decay**t,
+            refine_steps=refine_steps,
+            generator=generator,
+            q=q,
+            e=e,
         )
-        better = new_err < err
-        scale = torch.where(better, new_scale, scale)
-        zero = torch.where(better, new_zero, zero)
-        err = torch.where(better, new_err, err)
         history.append(err.sum())
     return scale, zero, torch.stack(history)
+
+
+def _check_solver_input(W: torch.Tensor, bits: int, group_size: int, importance: torch.Tensor | None) -> None:
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"`W` must be a 2-D float weight [out_features, in_features], got {shape!r}.")
+    if not torch.isfinite(W).all():
+        raise ValueError("`W` contains NaN or Inf values; a quantization grid cannot be fitted to them.")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"`bits` must be one of {SUPPORTED_BITS}, got {bits!r}.")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"`group_size` must be a positive int, got {group_size!r}.")
+    if importance is not None:
+        if importance.shape != (W.shape[1],):
+            raise ValueError(
+                f"`importance` must have shape ({W.shape[1]},), one weight per input column, got "
+                f"{tuple(importance.shape)!r}."
+            )
+        if not torch.isfinite(importance).all() or (importance < 0).any():
+            raise ValueError("`importance` must be finite and non-negative.")
 
 
 def gnpiq_quantize(
@@ -241,8 +356,8 @@ def gnpiq_quantize(
         W: ``[out_features, in_features]`` float weight; it is read, never modified.
         bits: code width, 2, 3, 4 or 8.
         group_size: input columns per group; a row whose width is not a multiple is padded (see `_group`).
-        num_iterations: perturbed proposals per group; 0 gives plain least-squares-refined min-max rounding.
-        noise_std: initial noise, in quantization steps of each group.
+        num_iterations: perturbed proposals per group; 0 gives plain min-max rounding.
+        noise_std: initial noise in quantization steps at 4 bits, scaled for other widths by `noise_in_steps`.
         noise_decay: factor applied to the noise after every iteration.
         refine_steps: "round, refit" steps that polish each proposal.
         seed: seeds the noise; the same seed gives identical codes.
@@ -250,11 +365,12 @@ def gnpiq_quantize(
 
     Returns:
         A `QuantizedWeight` whose ``error_history`` never increases.
+
+    Raises:
+        ValueError: if `W` is not a 2-D float tensor or holds NaN or Inf, `bits` is unsupported, `group_size` is
+            not a positive int, or `importance` has the wrong shape or negative entries.
     """
-    if W.dim() != 2:
-        raise ValueError(f"`W` must be a 2-D weight [out_features, in_features], got shape {tuple(W.shape)}.")
-    if not torch.isfinite(W).all():
-        raise ValueError("`W` contains NaN or Inf values; a quantization grid cannot be fitted to them.")
+    _check_solver_input(W, bits, group_size, importance)
     qmax = 2**bits - 1
     out_features, in_features = W.shape
 
@@ -267,11 +383,10 @@ def gnpiq_quantize(
     for start in range(0, Wg.shape[0], _GROUPS_PER_BLOCK):
         block = slice(start, start + _GROUPS_PER_BLOCK)
         scale, zero, history = _search_block(
-            Wg[block],
-            None if hg is None else hg[block],
+            _Groups(Wg[block], None if hg is None else hg[block]),
             qmax=qmax,
             num_iterations=num_iterations,
-            noise_std=noise_std,
+            sigma=noise_in_steps(noise_std, bits),
             noise_decay=noise_decay,
             refine_steps=refine_steps,
             generator=generator,
@@ -284,9 +399,9 @@ def gnpiq_quantize(
 
     # Store in float16 and round the codes against exactly what is stored.
     scale16, zero16 = scale.half(), zero.half()
-    scale_f, zero_f = scale16.float(), zero16.float()
-    q = _round(Wg, scale_f, zero_f, qmax)
-    final_error = float(_error(Wg, hg, q, scale_f, zero_f).sum())
+    groups = _Groups(Wg, hg)
+    q = groups.round(scale16.float(), zero16.float(), qmax, out=torch.empty_like(Wg))
+    final_error = float(groups.error(q, scale16.float(), zero16.float()).sum())
 
     num_groups = Wg.shape[0] // out_features
     return QuantizedWeight(
