@@ -5,7 +5,7 @@ small side network that reads the model's hidden states, so no gradient flows th
 frozen model is stored in few bits (GNP-IQ) and the memory saved pays for a side network made of experts (ISMoE).
 """
 
-from .quantization import GNPIQConfig, GNPIQLinear, gnpiq_quantize, quantize_model
+from .quantization import GNPIQConfig, GNPIQLinear, GNPIQRequantizeCallback, gnpiq_quantize, quantize_model
 from .tuner import ISMoEConfig, ISMoEModel
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GNPIQConfig",
     "GNPIQLinear",
+    "GNPIQRequantizeCallback",
     "ISMoEConfig",
     "ISMoEModel",
     "__version__",
