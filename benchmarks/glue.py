@@ -14,7 +14,8 @@ the others.
 
 Methods:
     full          full fine-tuning.
-    lora          peft LoRA, r=8, alpha=16, dropout 0.1, on query, key, value and every dense layer; classifier trained.
+    lora          peft LoRA, r=8, alpha=16, dropout 0.1, on query, key, value and every dense layer; classifier
+                  trained.
     bitfit        biases and the classifier only.
     lst           ISMoE with one expert and the plain side router, float backbone (Ladder Side-Tuning's design).
     ismoe_fp32    ISMoE, 8 experts, top-2, interactive router, float backbone.
@@ -578,8 +579,8 @@ def write_report(
         entry = summary[method]
         planned = NUM_SEEDS.get(method, 1)
         cells = [
-            _format_score(entry["scores"].get(t, [])) + (" †" if 0 < len(entry["scores"].get(t, [])) < planned else "")
-            for t in TASKS
+            _format_score(scores) + (" †" if 0 < len(scores) < planned else "")
+            for scores in (entry["scores"].get(t, []) for t in TASKS)
         ]
         task_means = [_mean_std(entry["scores"][t])[0] for t in TASKS if entry["scores"].get(t)]
         mean = f"{sum(task_means) / len(task_means):.1f}" if len(task_means) == len(TASKS) else "—"
