@@ -17,6 +17,8 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
@@ -65,13 +67,32 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def tiny_gpt2() -> GPT2LMHeadModel:
+    # GPT-2's Conv1D layers store their weights as [in_features, out_features].
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config)
+
+
 # (id, model factory, auto class, output field, quantization config)
 CASES = [
     ("bert-4bit", tiny_bert, AutoModel, "last_hidden_state", GNPIQConfig(bits=4, group_size=32, num_iterations=2)),
     ("bert-8bit", tiny_bert, AutoModel, "last_hidden_state", GNPIQConfig(bits=8, group_size=16, num_iterations=1)),
     ("llama-3bit", tiny_llama, AutoModelForCausalLM, "logits", GNPIQConfig(bits=3, num_iterations=2)),
     ("llama-2bit", tiny_llama, AutoModelForCausalLM, "logits", GNPIQConfig(bits=2, group_size=32, num_iterations=2)),
+    ("gpt2-4bit", tiny_gpt2, AutoModelForCausalLM, "logits", GNPIQConfig(bits=4, group_size=16, num_iterations=2)),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tensors this small gain nothing from intra-op threads, and on a busy machine waking them costs milliseconds
+    # per operation.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
