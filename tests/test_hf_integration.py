@@ -194,6 +194,35 @@ def test_llama_checkpoint_keeps_its_tied_head_in_float_and_pads_partial_groups(t
     assert model.model.layers[0].mlp.down_proj.padded_in_features == 128
 
 
+def test_a_tied_output_head_stays_in_float_even_when_not_skipped_by_name(tmp_path, monkeypatch):
+    float_dir = save_float(tiny_llama, tmp_path / "float")
+    config = GNPIQConfig(bits=8, num_iterations=0, modules_to_not_convert=[])
+    quantized = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config)
+    quantized.save_pretrained(tmp_path / "quantized")
+
+    forbid_solver(monkeypatch)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quantized")
+
+    for model in (quantized, reloaded):
+        assert type(model.lm_head) is nn.Linear
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_same_state(quantized, reloaded)
+
+
+def test_a_new_config_does_not_requantize_a_gnpiq_checkpoint(tmp_path, monkeypatch):
+    float_dir = save_float(tiny_bert, tmp_path / "float")
+    AutoModel.from_pretrained(float_dir, quantization_config=GNPIQConfig(bits=8, num_iterations=0)).save_pretrained(
+        tmp_path / "quantized"
+    )
+    forbid_solver(monkeypatch)
+
+    with pytest.warns(UserWarning, match="already has a `quantization_config`"):
+        model = AutoModel.from_pretrained(tmp_path / "quantized", quantization_config=GNPIQConfig(bits=4))
+
+    assert model.config.quantization_config.bits == 8
+    assert model.encoder.layer[0].attention.self.query.bits == 8
+
+
 def test_frozen_biases_after_loading_a_checkpoint(tmp_path):
     float_dir = save_float(tiny_bert, tmp_path / "float")
     AutoModel.from_pretrained(float_dir, quantization_config=GNPIQConfig(bits=8, num_iterations=0)).save_pretrained(

@@ -36,7 +36,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .config import GNPIQConfig
 from .linear import GNPIQLinear
-from .model import _is_conv1d, find_linear_layers, quantize_linear_layers
+from .model import _is_conv1d, layers_to_quantize, quantize_linear_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -99,7 +99,7 @@ class GNPIQHfQuantizer(HfQuantizer):
 
         config = self.quantization_config
         headers = _read_safetensors_headers(checkpoint_files)
-        layers = find_linear_layers(model, config.skipped_modules)
+        layers = layers_to_quantize(model, config)
         for name, module in layers.items():
             in_features, out_features = _linear_shape(module)
             empty = GNPIQLinear(

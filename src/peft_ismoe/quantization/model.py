@@ -18,6 +18,7 @@ __all__ = [
     "collect_input_importance",
     "find_linear_layers",
     "is_gnpiq_quantized",
+    "layers_to_quantize",
     "quantize_linear_layers",
     "quantize_model",
 ]
@@ -49,6 +50,39 @@ def find_linear_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, 
         for name, module in model.named_modules()
         if (isinstance(module, nn.Linear) or _is_conv1d(module)) and not _matches(name, skip)
     }
+
+
+def _tied_modules(model: nn.Module) -> set[str]:
+    """Names of the modules whose weight is tied to (is the same tensor as) another module's parameter.
+
+    transformers lists its tied weights in ``all_tied_weights_keys`` ({target: source}); that list is also right
+    before loading, when the tensors are not shared yet. Any other module counts as tied when its weight object
+    is registered under two names.
+    """
+    tied = set()
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        tied.update(key.removesuffix(".weight") for key in (target, source))
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for names in owners.values():
+        if len(names) > 1:
+            tied.update(name.removesuffix(".weight") for name in names)
+    return tied
+
+
+def layers_to_quantize(model: nn.Module, config: GNPIQConfig) -> dict[str, nn.Module]:
+    """The layers GNP-IQ converts: linear layers not in ``config.skipped_modules`` and not tied to another module.
+
+    A tied weight (an output head sharing the input embedding, say) stays in float: quantizing one of the two
+    would untie them. Quantizing and loading a GNP-IQ checkpoint both select layers with this rule.
+    """
+    tied = _tied_modules(model)
+    layers = find_linear_layers(model, config.skipped_modules)
+    kept_tied = sorted(name for name in layers if name in tied)
+    if kept_tied:
+        logger.info("GNP-IQ keeps tied layers in float: %s", ", ".join(kept_tied))
+    return {name: module for name, module in layers.items() if name not in tied}
 
 
 def is_gnpiq_quantized(model: nn.Module) -> bool:
@@ -105,7 +139,8 @@ def quantize_model(
 ) -> nn.Module:
     """Replace the linear layers of `model` by `GNPIQLinear`, in place, and return `model`.
 
-    LayerNorms, embeddings and the modules named by ``config.skipped_modules`` are left as they are. Each layer
+    LayerNorms, embeddings, the modules named by ``config.skipped_modules`` and layers whose weight is tied to
+    another module's (see `layers_to_quantize`) are left as they are. Each layer
     is quantized on its own device with seed ``config.seed + index`` (index in module order), so a run is
     reproducible and layers do not share noise. The config is recorded as ``model.config.quantization_config``,
     and a transformers model also gets the GNP-IQ ``hf_quantizer``, so its ``save_pretrained`` writes the packed
@@ -156,7 +191,7 @@ def quantize_linear_layers(
     transformers' loader records the quantization config before the float weights arrive, so it calls this
     directly once they have. Returns the new layers by qualified name.
     """
-    layers = find_linear_layers(model, config.skipped_modules)
+    layers = layers_to_quantize(model, config)
     # Check every weight before touching any, so a bad layer leaves the model as it was.
     for name, module in layers.items():
         if not torch.isfinite(module.weight).all():
