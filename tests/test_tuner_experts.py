@@ -21,7 +21,7 @@ def _moe(num_experts: int, top_k: int, use_prior: bool = True) -> MoEFeedForward
 def test_one_expert_equals_the_dense_ffn():
     moe = _moe(num_experts=1, top_k=1)
     x, salient = torch.randn(10, WIDTH), torch.randn(10, BACKBONE)
-    out, _ = moe(x, salient)
+    out, _ = moe(x, moe.router.prior(salient))
     ex = moe.experts
     dense = F.gelu(x @ ex.w_in[0] + ex.b_in[0]) @ ex.w_out[0] + ex.b_out[0]
     torch.testing.assert_close(out, dense)
@@ -31,10 +31,11 @@ def test_one_expert_equals_the_dense_ffn():
 def test_top_k_equal_to_num_experts_is_the_soft_mixture(use_prior):
     moe = _moe(num_experts=4, top_k=4, use_prior=use_prior)
     x, salient = torch.randn(6, WIDTH), torch.randn(6, BACKBONE)
-    out, _ = moe(x, salient)
+    prior = moe.router.prior(salient) if use_prior else None
+    out, _ = moe(x, prior)
     probs = torch.softmax(moe.router.gate(x), dim=-1)
     if use_prior:
-        probs = (probs + moe.router.prior(salient)) / 2
+        probs = (probs + prior) / 2
     soft = sum(probs[:, e : e + 1] * moe.experts.expert(e, x) for e in range(4))
     torch.testing.assert_close(out, soft)
 
@@ -42,7 +43,7 @@ def test_top_k_equal_to_num_experts_is_the_soft_mixture(use_prior):
 def test_top_k_routing_matches_a_per_token_loop():
     moe = _moe(num_experts=5, top_k=2)
     x, salient = torch.randn(9, WIDTH), torch.randn(9, BACKBONE)
-    routing = moe.router(x, salient)
+    routing = moe.router(x, moe.router.prior(salient))
     out = moe.experts(x, routing.weights, routing.indices)
     for t in range(9):
         expected = sum(
@@ -53,7 +54,7 @@ def test_top_k_routing_matches_a_per_token_loop():
 
 def test_router_output_shapes_and_normalisation():
     router = InteractiveRouter(WIDTH, BACKBONE, num_experts=6, top_k=3, use_prior=True)
-    routing = router(torch.randn(7, WIDTH), torch.randn(7, BACKBONE))
+    routing = router(torch.randn(7, WIDTH), router.prior(torch.randn(7, BACKBONE)))
     assert routing.logits.shape == routing.probs.shape == (7, 6)
     assert routing.weights.shape == routing.indices.shape == (7, 3)
     torch.testing.assert_close(routing.probs.sum(-1), torch.ones(7))
@@ -65,7 +66,7 @@ def test_router_output_shapes_and_normalisation():
 
 def test_interactive_router_needs_the_salient_feature():
     router = InteractiveRouter(WIDTH, BACKBONE, num_experts=2, top_k=1, use_prior=True)
-    with pytest.raises(ValueError, match="needs `salient`"):
+    with pytest.raises(ValueError, match="needs `prior`"):
         router(torch.randn(3, WIDTH), None)
 
 
@@ -76,7 +77,7 @@ def test_prior_follows_the_representative_vectors():
         router.representatives.copy_(torch.eye(3, BACKBONE) * 50)
     salient = torch.zeros(3, BACKBONE)
     salient[torch.arange(3), torch.tensor([2, 0, 1])] = 1.0
-    assert router(torch.randn(3, WIDTH), salient).indices[:, 0].tolist() == [2, 0, 1]
+    assert router(torch.randn(3, WIDTH), router.prior(salient)).indices[:, 0].tolist() == [2, 0, 1]
 
 
 def test_unused_experts_do_not_run():
@@ -109,7 +110,7 @@ def test_usage_counts_accumulate_and_reset():
     moe = _moe(num_experts=3, top_k=2)
     mask = torch.tensor([True] * 5 + [False] * 2)
     for _ in range(3):
-        moe(torch.randn(7, WIDTH), torch.randn(7, BACKBONE), mask)
+        moe(torch.randn(7, WIDTH), moe.router.prior(torch.randn(7, BACKBONE)), mask)
     assert moe.usage.sum().item() == 3 * 5 * 2 and moe.usage.dtype == torch.long
     assert "usage" not in moe.state_dict()
     moe.reset_usage()

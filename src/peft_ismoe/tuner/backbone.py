@@ -141,15 +141,15 @@ def _replace_hidden(output, hidden: torch.Tensor):
 class _CallState:
     """What one forward pass of a stack has collected so far."""
 
-    stack_input: torch.Tensor | None = None
+    started: bool = False
     taps: list[torch.Tensor] = field(default_factory=list)
     norm_outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class StackTap:
-    """The forward hooks on one stack: record the stack input and tapped outputs, correct the last output.
+    """The forward hooks on one stack: record the tapped outputs, correct the last block's output.
 
-    `runner` is called in the last block's hook with ``(stack, stack_input, taps)`` and returns the correction to
+    `runner` is called in the last block's hook with ``(stack, taps)`` and returns the correction to
     add to the last block output, or None to leave it unchanged (adapter disabled). `norm_params` returns, for a tap
     index, the trainable LayerNorm parameters to use for it (empty when LayerNorms are not trained).
     """
@@ -158,7 +158,7 @@ class StackTap:
         self,
         stack: BlockStack,
         tapped: list[int],
-        runner: Callable[[BlockStack, torch.Tensor, list[torch.Tensor]], torch.Tensor | None],
+        runner: Callable[[BlockStack, list[torch.Tensor]], torch.Tensor | None],
         norm_params: Callable[[BlockStack, int], dict[str, torch.Tensor]],
         is_active: Callable[[], bool],
     ) -> None:
@@ -168,9 +168,10 @@ class StackTap:
         self.norm_params = norm_params
         self.is_active = is_active
         self.state = _CallState()
+        self._recomputing = False
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         blocks = stack.blocks
-        self.handles.append(blocks[0].register_forward_pre_hook(self._record_input, with_kwargs=True))
+        self.handles.append(blocks[0].register_forward_pre_hook(self._start))
         tap_of_block = {block_index: tap for tap, block_index in enumerate(tapped)}
         for block_index, block in enumerate(blocks):
             tap = tap_of_block.get(block_index)
@@ -192,21 +193,25 @@ class StackTap:
         self.handles.clear()
         self.state = _CallState()
 
-    def _record_input(self, _module, args, kwargs):
-        self.state = _CallState()
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if self.is_active() and isinstance(hidden, torch.Tensor):
-            self.state.stack_input = hidden.detach()
+    def _start(self, _module, _args):
+        # A new pass over the stack begins: forget whatever an interrupted pass left behind.
+        self.state = _CallState(started=self.is_active())
         return None
 
     def _make_norm_hook(self, tap: int):
         def hook(module, args, output):
-            params = self.norm_params(self.stack, tap) if self.is_active() else {}
-            if not params or not args:
+            if self._recomputing or not self.is_active() or not args:
+                return None
+            params = self.norm_params(self.stack, tap)
+            if not params:
                 return None
             # The side network's copy sees a detached input, so its gradient never reaches the backbone; the
             # backbone continues with the same values, detached, so it records nothing for backward.
-            live = functional_call(module, params, (args[0].detach(),), strict=False)
+            self._recomputing = True  # functional_call runs the module's hooks, this one included
+            try:
+                live = functional_call(module, params, (args[0].detach(),), strict=False)
+            finally:
+                self._recomputing = False
             frozen = live.detach()
             self.state.norm_outputs[tap] = (frozen, live)
             return frozen
@@ -215,16 +220,16 @@ class StackTap:
 
     def _make_block_hook(self, tap: int | None, last: bool):
         def hook(_module, _args, output):
-            if not self.is_active() or self.state.stack_input is None:
+            if not self.is_active() or not self.state.started:
                 return None
             hidden = _hidden_of(output)
             if tap is not None:
                 self.state.taps.append(self._tapped_state(tap, hidden))
             if not last:
                 return None
-            taps, stack_input = self.state.taps, self.state.stack_input
+            taps = self.state.taps
             self.state = _CallState()
-            delta = self.runner(self.stack, stack_input, taps)
+            delta = self.runner(self.stack, taps)
             if delta is None:
                 return None
             return _replace_hidden(output, hidden.detach() + delta)

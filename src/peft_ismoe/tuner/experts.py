@@ -40,7 +40,7 @@ class InteractiveRouter(nn.Module):
     The side router scores each token: ``g(x) = x W_g``, ``[T, E]``. With ``use_prior``, each expert owns a
     representative vector ``r_e`` of backbone width and the prior is ``c = softmax_e(s_hat . r_e / sqrt(D))``, where
     ``s_hat`` is the salient feature rescaled to unit root-mean-square (so backbones whose residual stream grows large
-    do not saturate the prior). Routing uses ``p = (softmax(g(x)) + c) / 2``; without the prior ``p = softmax(g(x))``.
+    do not saturate the prior); `prior` computes it, once per sequence when the feature is per sequence. Routing uses ``p = (softmax(g(x)) + c) / 2``; without the prior ``p = softmax(g(x))``.
     The top-k entries of ``p`` are kept and renormalised to sum to one, so ``top_k == num_experts`` is the soft
     mixture with weights ``p`` and ``num_experts == 1`` gives weight one.
     """
@@ -57,17 +57,22 @@ class InteractiveRouter(nn.Module):
             self.register_parameter("representatives", None)
 
     def prior(self, salient: torch.Tensor) -> torch.Tensor:
-        """The correlation prior ``c``, ``[T, E]``, from salient features ``[T, D]``."""
-        s_hat = salient * torch.rsqrt(salient.square().mean(dim=-1, keepdim=True) + 1e-6)
-        return torch.softmax(s_hat @ self.representatives.t() / math.sqrt(salient.shape[-1]), dim=-1)  # [T, E]
+        """The correlation prior ``c``, ``[..., E]``, from salient features ``[..., D]``."""
+        # The rescaling is applied to the scores rather than to the features: the matmul then saves only `salient`
+        # (a tapped backbone state the side network keeps anyway) and not a rescaled copy of it for backward.
+        scale = torch.rsqrt(salient.square().mean(dim=-1, keepdim=True) + 1e-6) / math.sqrt(salient.shape[-1])
+        return torch.softmax((salient @ self.representatives.t()) * scale, dim=-1)  # [..., E]
 
-    def forward(self, x: torch.Tensor, salient: torch.Tensor | None = None) -> RouterOutput:
+    def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> RouterOutput:
+        """Route ``x`` ``[T, d]``; `prior` ``[T, E]`` (from `prior`) is required with ``use_prior`` and unused without."""
         logits = self.gate(x)  # [T, E]
         probs = torch.softmax(logits.float(), dim=-1)
         if self.use_prior:
-            if salient is None:
-                raise ValueError("The interactive router needs `salient`, the backbone feature per token; got None.")
-            probs = (probs + self.prior(salient.float())) / 2
+            if prior is None:
+                raise ValueError(
+                    "The interactive router needs `prior`, the backbone-feature prior per token; got None."
+                )
+            probs = (probs + prior.float()) / 2
         top_probs, indices = torch.topk(probs, self.top_k, dim=-1)  # [T, k], [T, k]
         weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
         return RouterOutput(logits=logits, probs=probs, weights=weights.to(x.dtype), indices=indices)
@@ -166,10 +171,13 @@ class MoEFeedForward(nn.Module):
         self.usage.zero_()
 
     def forward(
-        self, x: torch.Tensor, salient: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self, x: torch.Tensor, prior: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mix ``x`` ``[T, d]``; returns the output ``[T, d]`` and the balancing loss (a scalar)."""
-        routing = self.router(x, salient)
+        """Mix ``x`` ``[T, d]`` given the router `prior` ``[T, E]`` and bool `mask` ``[T]`` (true for real tokens).
+
+        Returns the output ``[T, d]`` and the balancing loss (a scalar).
+        """
+        routing = self.router(x, prior)
         with torch.no_grad():
             used = routing.indices if mask is None else routing.indices[mask]
             self.usage += torch.bincount(used.reshape(-1), minlength=self.usage.numel())

@@ -277,9 +277,9 @@ class ISMoEModel(BaseTuner):
         # With a KV cache the mask also covers past tokens; the current tokens are the last ones.
         return mask[:, -hidden.shape[1] :].to(device=hidden.device, dtype=torch.bool)
 
-    def _run_side(self, stack: BlockStack, stack_input: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
+    def _run_side(self, stack: BlockStack, taps: list[torch.Tensor]) -> torch.Tensor:
         side = self._active_sides()[stack.role]
-        delta, aux_loss = side(stack_input, taps, self._token_mask(stack.role, stack_input))
+        delta, aux_loss = side(taps, self._token_mask(stack.role, taps[0]))
         self._call_aux.append(aux_loss)
         return delta
 

@@ -6,6 +6,7 @@ Shapes: ``B`` batch, ``S`` sequence, ``D`` backbone width, ``d = D // reduction_
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ISMoEConfig
@@ -15,22 +16,20 @@ __all__ = ["SideBlock", "SideNetwork", "salient_features"]
 
 
 def salient_features(hidden: torch.Tensor, kind: str, mask: torch.Tensor | None) -> torch.Tensor:
-    """The backbone feature each token's router compares with the experts, ``[B, S, D]``.
+    """The backbone feature the router compares with the experts: ``[B, S, D]`` per token or ``[B, 1, D]``.
 
-    ``"token"``: each token's own state (causal). ``"cls"``: the first token's state, broadcast to the sequence.
-    ``"mean"``: the mean of the non-padding tokens (``mask`` ``[B, S]``, true where real), broadcast.
+    ``"token"``: each token's own state (causal). ``"cls"``: the first token's state. ``"mean"``: the mean of the
+    non-padding tokens (``mask`` ``[B, S]``, true where real). The last two are one vector per sequence.
     """
     if kind == "token":
         return hidden
     if kind == "cls":
-        return hidden[:, :1].expand_as(hidden)
+        return hidden[:, :1]
     if kind == "mean":
         if mask is None:
-            pooled = hidden.mean(dim=1, keepdim=True)
-        else:
-            weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, S, 1]
-            pooled = (hidden * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1)
-        return pooled.expand_as(hidden)
+            return hidden.mean(dim=1, keepdim=True)
+        weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, S, 1]
+        return (hidden * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1)
     raise ValueError(f"`salient_feature` must be one of ('cls', 'mean', 'token'), got {kind!r}.")
 
 
@@ -57,20 +56,25 @@ class SideBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, salient: torch.Tensor | None, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[B, S, d]``, ``salient`` ``[B, S, D]``, bool ``mask`` ``[B, S]``; returns ``[B, S, d]`` and the loss."""
+        """``x`` ``[B, S, d]``, ``salient`` ``[B, S, D]`` or ``[B, 1, D]``, bool ``mask`` ``[B, S]``.
+
+        Returns ``[B, S, d]`` and the balancing loss.
+        """
         batch, seq, width = x.shape
-        flat_salient = None if salient is None else salient.reshape(batch * seq, -1)  # [T, D]
+        prior = None
+        if salient is not None:
+            prior = self.moe.router.prior(salient).expand(batch, seq, -1).reshape(batch * seq, -1)  # [T, E]
         flat_mask = None if mask is None else mask.reshape(-1)  # [T]
-        mixed, aux_loss = self.moe(self.norm(x).reshape(-1, width), flat_salient, flat_mask)  # [T, d]
+        mixed, aux_loss = self.moe(self.norm(x).reshape(-1, width), prior, flat_mask)  # [T, d]
         return x + mixed.view(batch, seq, width), aux_loss
 
 
 class SideNetwork(nn.Module):
     """The side network of one backbone stack (Ladder Side-Tuning with expert blocks).
 
-    With ``h_0`` the input of the stack's first block and ``h_i`` the output of the i-th tapped block::
+    With ``h_i`` the output of the i-th tapped block::
 
-        s = down_in(h_0)
+        s = 0
         for each tap i:  g_i = sigmoid(alpha_i / T);  s = g_i * s + (1 - g_i) * down_i(h_i);  s = block_i(s)
         delta = output_gate * up(norm(s))            # added to the stack's last block output
 
@@ -95,7 +99,6 @@ class SideNetwork(nn.Module):
         self.salient_feature = salient_feature
         self.temperature = config.ladder_temperature
         self.use_salient = config.router == "interactive"
-        self.down_in = nn.Linear(backbone_width, width)
         self.down = nn.ModuleList(nn.Linear(backbone_width, width) for _ in range(num_taps))
         self.ladder_alpha = nn.Parameter(torch.zeros(num_taps))
         self.blocks = nn.ModuleList(SideBlock(width, backbone_width, config) for _ in range(num_taps))
@@ -115,16 +118,14 @@ class SideNetwork(nn.Module):
         prefix = f"{tap}_"
         return {key[len(prefix) :]: value for key, value in self.norm_params.items() if key.startswith(prefix)}
 
-    def forward(
-        self, stack_input: torch.Tensor, taps: list[torch.Tensor], mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``stack_input`` and each of ``taps`` ``[B, S, D]``, bool ``mask`` ``[B, S]``.
+    def forward(self, taps: list[torch.Tensor], mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each of ``taps`` ``[B, S, D]``, bool ``mask`` ``[B, S]``.
 
-        Returns ``delta`` ``[B, S, D]`` in the dtype of ``stack_input`` and the mean balancing loss over blocks.
+        Returns ``delta`` ``[B, S, D]`` in the dtype of the taps and the mean balancing loss over blocks.
         """
         if len(taps) != len(self.blocks):
             raise ValueError(f"The side network has {len(self.blocks)} blocks but got {len(taps)} tapped states.")
-        s = self.down_in(stack_input.to(self.dtype))  # [B, S, d]
+        s = 0
         aux_losses = []
         for i, hidden in enumerate(taps):
             hidden = hidden.to(self.dtype)
@@ -133,8 +134,11 @@ class SideNetwork(nn.Module):
             salient = salient_features(hidden, self.salient_feature, mask) if self.use_salient else None
             s, aux_loss = self.blocks[i](s, salient, mask)
             aux_losses.append(aux_loss)
-        delta = self.output_gate * self.up(self.norm(s))  # [B, S, D]
-        return delta.to(stack_input.dtype), torch.stack(aux_losses).mean()
+        # output_gate * up(x), with the gate folded into the projection: autograd then keeps the small side state
+        # for backward instead of the [B, S, D] projection.
+        gate = self.output_gate
+        delta = F.linear(self.norm(s), self.up.weight * gate[:, None], self.up.bias * gate)  # [B, S, D]
+        return delta.to(taps[0].dtype), torch.stack(aux_losses).mean()
 
     def expert_usage(self) -> list[torch.Tensor]:
         """The routing-slot counts of each block's experts since the last reset, ``int64 [E]`` per block."""
