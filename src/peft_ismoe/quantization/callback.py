@@ -58,18 +58,23 @@ class RefinedGrid:
 # Variance of a group's codes below which the least-squares refit is ill-posed (all codes equal).
 _MIN_CODE_VARIANCE = 1e-8
 
+# Groups searched together, so that a block's working tensors stay in the CPU cache across the iterations.
+_GROUPS_PER_BLOCK = 2048
 
-def _grouped(W: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _grouped(W: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``W`` as groups ``[out * num_groups, group_size]`` and a 0/1 mask of the real (not padded) columns.
 
-    Padded columns repeat the last real column, as the layer's own codes were padded, and carry no weight.
+    Padded columns repeat the last real column, as the layer's own codes were padded, and carry no weight. The
+    mask is None when nothing is padded.
     """
     out_features, in_features = W.shape
     padding = (-in_features) % group_size
-    mask = torch.ones(out_features, in_features + padding, device=W.device)
-    if padding:
-        W = torch.cat([W, W[:, -1:].expand(out_features, padding)], dim=1)
-        mask[:, in_features:] = 0
+    if not padding:
+        return W.reshape(-1, group_size), None
+    W = torch.cat([W, W[:, -1:].expand(out_features, padding)], dim=1)
+    mask = torch.ones_like(W)
+    mask[:, in_features:] = 0
     return W.reshape(-1, group_size), mask.view(-1, group_size)
 
 
@@ -78,30 +83,63 @@ def _round(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int)
     return (Wg / scale[:, None] + zero[:, None]).round_().clamp_(0, qmax)
 
 
+def _mean(x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float) -> torch.Tensor:
+    return x.mean(dim=1) if mask is None else (x * mask).sum(dim=1) / count
+
+
 def _refit(
-    Wg: torch.Tensor, mask: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
+    Wg: torch.Tensor, mask: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Least squares of ``W ~ a * q + b`` over each group's real columns, as ``scale = a, zero = -b / a``.
 
     Groups whose codes are all equal, or whose fit has a non-positive slope, keep `scale`; their zero point moves
-    so the group dequantizes to its mean.
+    so the group dequantizes to its mean. The codes are centred before their variance is taken, so float32 does
+    not cancel.
     """
-    count = mask.sum(dim=1, dtype=torch.float64)
-    q64, W64 = q.double(), Wg.double()
-    q_mean = (mask * q64).sum(dim=1) / count
-    W_mean = (mask * W64).sum(dim=1) / count
-    dq = q64 - q_mean[:, None]
-    var_q = (mask * dq * dq).sum(dim=1) / count
-    cov = (mask * dq * W64).sum(dim=1) / count
-    a = (cov / var_q.clamp_min(_MIN_CODE_VARIANCE)).float()
-    ok = (var_q.float() > _MIN_CODE_VARIANCE) & (a > 0)
-    new_scale = torch.where(ok, a, scale)
-    return new_scale, (q_mean - W_mean / new_scale.double()).float()
+    count = 1.0 if mask is None else mask.sum(dim=1)
+    q_mean, W_mean = _mean(q, mask, count), _mean(Wg, mask, count)
+    dq = q - q_mean[:, None]
+    var_q = _mean(dq * dq, mask, count)
+    cov = _mean(dq * Wg, mask, count)
+    a = cov / var_q.clamp_min(_MIN_CODE_VARIANCE)
+    new_scale = torch.where((var_q > _MIN_CODE_VARIANCE) & (a > 0), a, scale)
+    return new_scale, q_mean - W_mean / new_scale
 
 
-def _error(Wg: torch.Tensor, mask: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+def _error(
+    Wg: torch.Tensor, mask: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
     """Squared error of each group over its real columns, ``[groups]``."""
-    return ((q - zero[:, None]) * scale[:, None] - Wg).square_().mul_(mask).sum(dim=1)
+    residual = ((q - zero[:, None]) * scale[:, None] - Wg).square_()
+    return residual.sum(dim=1) if mask is None else residual.mul_(mask).sum(dim=1)
+
+
+def _search(
+    Wg: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    err: torch.Tensor,
+    *,
+    qmax: int,
+    num_iterations: int,
+    noise_std: float,
+    noise_decay: float,
+    refine_steps: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise-perturbed search on a block of groups from the grid (`scale`, `zero`) of error `err`."""
+    for t in range(num_iterations):
+        noise = torch.randn(Wg.shape, generator=generator, device=Wg.device)
+        q = _round(noise.mul_(noise_std * noise_decay**t * scale[:, None]).add_(Wg), scale, zero, qmax)
+        new_scale, new_zero = _refit(Wg, mask, q, scale)
+        for _ in range(refine_steps):
+            new_scale, new_zero = _refit(Wg, mask, _round(Wg, new_scale, new_zero, qmax), new_scale)
+        new_err = _error(Wg, mask, _round(Wg, new_scale, new_zero, qmax), new_scale, new_zero)
+        better = new_err < err
+        scale, zero = torch.where(better, new_scale, scale), torch.where(better, new_zero, zero)
+        err = torch.where(better, new_err, err)
+    return scale, zero
 
 
 # Objective, per group g of the searched groups: minimise E_g = sum_j (W_j - scale * (q_j - zero))**2 over the
@@ -148,20 +186,29 @@ def refine_grid(
     scale, zero = layer.scales.reshape(-1).float(), layer.zeros.reshape(-1).float()
     current_err = _error(Wg, mask, codes, scale, zero)  # of the stored codes, exactly as served
 
-    # Search the selected groups from the current grid.
+    # Search the selected groups from the current grid, block by block.
     rows = groups.reshape(-1).nonzero().squeeze(1)
-    Wr, mr = Wg[rows], mask[rows]
-    s, z, err = scale[rows], zero[rows], current_err[rows]
-    for t in range(num_iterations):
-        sigma = noise_std * noise_decay**t
-        noise = torch.randn(Wr.shape, generator=generator, device=Wr.device)
-        q = _round(Wr + noise.mul_(sigma * s[:, None]), s, z, qmax)
-        new_s, new_z = _refit(Wr, mr, q, s)
-        for _ in range(refine_steps):
-            new_s, new_z = _refit(Wr, mr, _round(Wr, new_s, new_z, qmax), new_s)
-        new_err = _error(Wr, mr, _round(Wr, new_s, new_z, qmax), new_s, new_z)
-        better = new_err < err
-        s, z, err = torch.where(better, new_s, s), torch.where(better, new_z, z), torch.where(better, new_err, err)
+    Wr, mr = Wg[rows], None if mask is None else mask[rows]
+    blocks = []
+    for start in range(0, rows.numel(), _GROUPS_PER_BLOCK):
+        block = slice(start, start + _GROUPS_PER_BLOCK)
+        blocks.append(
+            _search(
+                Wr[block],
+                None if mr is None else mr[block],
+                scale[rows[block]],
+                zero[rows[block]],
+                current_err[rows[block]],
+                qmax=qmax,
+                num_iterations=num_iterations,
+                noise_std=noise_std,
+                noise_decay=noise_decay,
+                refine_steps=refine_steps,
+                generator=generator,
+            )
+        )
+    s = torch.cat([b[0] for b in blocks])
+    z = torch.cat([b[1] for b in blocks])
 
     # Store in float16, round against what is stored, and keep only strict improvements over the served grid.
     s16, z16 = s.half(), z.half()
