@@ -49,14 +49,15 @@ QUANT_METHOD = "gnpiq"
 
 
 class GNPIQWarning(UserWarning):
-    """A GNP-IQ situation the user can act on (a name clash with transformers, an unusual checkpoint)."""
+    """A GNP-IQ situation the user can act on, such as another library holding the quant method name "gnpiq"."""
 
 
 class GNPIQHfQuantizer(HfQuantizer):
     """transformers' hook into GNP-IQ: builds `GNPIQLinear` layers around a model's loading.
 
-    * ``pre_quantized=False`` (a float checkpoint): the float weights load untouched, then every linear layer not
-      in ``quantization_config.skipped_modules`` is quantized in `_process_model_after_weight_loading`, with a
+    * ``pre_quantized=False`` (a float checkpoint): the float weights load untouched, then every linear layer that
+      `~peft_ismoe.quantization.model.layers_to_quantize` selects (not in ``quantization_config.skipped_modules``,
+      not tied to another module) is quantized in `_process_model_after_weight_loading`, with a
       progress bar that follows ``transformers.utils.logging.disable_progress_bar()``. Peak memory is that of the
       float model.
     * ``pre_quantized=True`` (a GNP-IQ checkpoint): `_process_model_before_weight_loading` swaps those layers for
@@ -67,7 +68,9 @@ class GNPIQHfQuantizer(HfQuantizer):
     model) on top of a quantized model, as it does for every method that is not quantization-aware training.
 
     Not supported: offloading weights to disk (``device_map`` with ``"disk"``) while quantizing on load, since the
-    solver needs the float weights in memory.
+    solver needs the float weights in memory; and a GGUF file with ``quantization_config`` (transformers refuses
+    to combine them): load the GGUF model, then call :func:`~peft_ismoe.quantize_model`, whose result saves and
+    reloads like any GNP-IQ checkpoint.
     """
 
     requires_calibration = False
