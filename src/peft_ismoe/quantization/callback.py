@@ -281,7 +281,8 @@ class GNPIQRequantizeCallback(TrainerCallback):
     Args:
         float_checkpoint: a folder saved by ``save_pretrained`` (single or sharded safetensors) or one
             ``.safetensors`` file, holding the float weights the model was quantized from. A model loaded from
-            GGUF has no such file: save its float model once with ``save_pretrained`` before quantizing.
+            GGUF has no such file: save the float model once before quantizing it (transformers saves a GGUF-loaded
+            model only after ``model.hf_quantizer.remove_quantization_config(model)``).
         every_n_epochs: run at the end of every n-th epoch; ignored when `every_n_steps` is given.
         every_n_steps: run after every n-th optimizer step instead.
         fraction: share of the layers (or groups) searched per round, in (0, 1]; at least one is searched.
