@@ -117,12 +117,12 @@ class _Groups:
         self.h = h
         group_size = W.shape[1]
         if h is None:
-            self.total = torch.full((W.shape[0],), float(group_size), dtype=torch.float64, device=W.device)
+            self.total = torch.full((W.shape[0],), float(group_size), device=W.device)
             self.mean = W.mean(dim=1)
             self.h_centred = W - self.mean[:, None]
         else:
-            self.total = h.sum(dim=1, dtype=torch.float64).clamp_min(1e-30)
-            self.mean = (torch.linalg.vecdot(h, W) / self.total).float()
+            self.total = h.sum(dim=1).clamp_min(1e-30)
+            self.mean = torch.linalg.vecdot(h, W) / self.total
             self.h_centred = h * (W - self.mean[:, None])
         self._buffer = torch.empty_like(W)
 
@@ -139,16 +139,15 @@ class _Groups:
         fit is ill-posed (any scale works); such groups, and any whose fitted scale is not positive, keep `scale`,
         and their zero point is moved so the group dequantizes to its weighted mean.
         """
-        # Sums of integer codes are exact in float32; the variance is taken in float64 to avoid cancellation.
+        # Sums of integer codes are exact in float32, so a group of equal codes gets a variance of exactly zero.
         if self.h is None:
             q_sum, q_square = q.sum(dim=1), torch.linalg.vecdot(q, q)
         else:
             hq = torch.mul(q, self.h, out=self._buffer)
             q_sum, q_square = hq.sum(dim=1), torch.linalg.vecdot(hq, q)
-        q_mean = q_sum.double() / self.total
-        var_q = (q_square.double() / self.total - q_mean.square()).float()
-        cov = (torch.linalg.vecdot(q, self.h_centred).double() / self.total).float()
-        q_mean = q_mean.float()
+        q_mean = q_sum / self.total
+        var_q = q_square / self.total - q_mean.square()
+        cov = torch.linalg.vecdot(q, self.h_centred) / self.total
 
         a = cov / var_q.clamp_min(_MIN_CODE_VARIANCE)
         ok = (var_q > _MIN_CODE_VARIANCE) & (a > 0)
@@ -343,10 +342,10 @@ def gnpiq_quantize(
     *,
     bits: int = 8,
     group_size: int = 64,
-    num_iterations: int = 20,
+    num_iterations: int = 12,
     noise_std: float = 0.5,
-    noise_decay: float = 0.9,
-    refine_steps: int = 2,
+    noise_decay: float = 0.95,
+    refine_steps: int = 3,
     seed: int = 0,
     importance: torch.Tensor | None = None,
 ) -> QuantizedWeight:
