@@ -28,7 +28,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 import peft_ismoe.quantization.callback as callback_module
-from peft_ismoe import GNPIQConfig, GNPIQLinear, GNPIQRequantizeCallback
+from peft_ismoe import GNPIQConfig, GNPIQLinear, GNPIQRequantizeCallback, ISMoEConfig
 from peft_ismoe.quantization import refine_grid
 from peft_ismoe.quantization.model import find_linear_layers
 
@@ -348,6 +348,30 @@ def test_trainer_runs_the_rounds_on_schedule(tmp_path, callback_kwargs, train_kw
     assert [r.round_index for r in callback.history] == rounds
     # Names are those of the wrapped model; the checkpoint's were matched by suffix.
     assert all(name.startswith("base_model.model.bert.") for r in callback.history for name in r.layers)
+
+
+def test_a_quantized_backbone_under_an_ismoe_adapter_trains_with_the_callback(tmp_path):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "float")
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "float", quantization_config=LOAD_CONFIG)
+    model = get_peft_model(base, ISMoEConfig(task_type="SEQ_CLS", num_experts=2, top_k=1, init_seed=0))
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    callback = GNPIQRequantizeCallback(tmp_path / "float", fraction=0.5, num_iterations=2)
+
+    Trainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=2),
+        train_dataset=tiny_dataset(),
+        callbacks=[callback],
+    ).train()
+
+    assert [r.round_index for r in callback.history] == [1, 2]
+    assert all(r.error_after <= r.error_before for r in callback.history)
+    trained = dict(model.named_parameters())
+    assert any(not torch.equal(trained[n], p) for n, p in trainable_before.items())
 
 
 # (id, arguments, error, message)
