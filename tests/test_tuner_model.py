@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
-from tuner_helpers import one_thread, train_steps  # noqa: F401
+from tuner_helpers import assert_round_trip, one_thread, train_steps  # noqa: F401
 
 import peft_ismoe
 from peft_ismoe import GNPIQConfig, ISMoEConfig, quantize_model
@@ -372,3 +372,32 @@ def test_push_to_hub_uploads_exactly_the_adapter_files(monkeypatch):
 def test_package_exports_the_tuner():
     assert peft_ismoe.ISMoEConfig is ISMoEConfig
     assert "ISMoEModel" in peft_ismoe.__all__
+
+
+def _bnb_4bit(path) -> BertForSequenceClassification:
+    from transformers import BitsAndBytesConfig
+
+    # bitsandbytes' CPU 4-bit kernel cannot take an input that requires grad, which the layers after the last
+    # block (BERT's pooler) receive: those stay in float, as heads usually do.
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier", "bert.pooler"]
+    )
+    return BertForSequenceClassification.from_pretrained(path, quantization_config=config).eval()
+
+
+def test_bitsandbytes_4bit_backbone_trains_and_round_trips(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    _bert().save_pretrained(tmp_path / "base")
+    base = _bnb_4bit(tmp_path / "base")
+    assert type(base.bert.encoder.layer[0].attention.self.query).__name__ == "Linear4bit"
+    batch = _batch()
+    expected = _logits(base, batch)
+    model = get_peft_model(base, ISMoEConfig(task_type="SEQ_CLS", num_experts=4, top_k=2))
+    assert torch.equal(_logits(model, batch), expected)
+    _train(model, batch, steps=2)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    trained = _logits(model, batch)
+    assert not torch.allclose(trained, expected)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(_bnb_4bit(tmp_path / "base"), tmp_path / "adapter").eval()
+    assert_round_trip(model, loaded, trained, _logits(loaded, batch))
