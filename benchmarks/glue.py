@@ -640,22 +640,29 @@ def write_report(
     lines += [f"- {METHOD_LABELS[m]}: {LEARNING_RATES[m]:g}" for m in methods]
     lines += ["", f"![score against training memory]({os.path.relpath(figure_path, report_path.parent)})", ""]
 
-    plot_score_vs_memory(summary, methods, figure_path)
+    plot_score_vs_memory(summary, methods, figure_path, levels)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text("\n".join(lines))
     return "\n".join(lines)
 
 
-def plot_score_vs_memory(summary: dict[str, dict], methods: list[str], figure_path: Path) -> None:
-    """One panel per task: each method's mean dev score against its training memory (accounting, MiB)."""
+def plot_score_vs_memory(
+    summary: dict[str, dict], methods: list[str], figure_path: Path, levels: dict[str, ChanceLevel] | None = None
+) -> None:
+    """One panel per task and one for the mean: each method's dev score against its training memory (MiB).
+
+    Error bars are the standard deviation over seeds; the dashed line is the constant predictor's score.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 3, figsize=(13, 7.5))
-    panels = [*TASKS, "mean"]
-    for axis, panel in zip(axes.flat, panels, strict=True):
+    titles = {"sst2": "SST-2 (accuracy)", "mrpc": "MRPC (F1)", "rte": "RTE (accuracy)", "cola": "CoLA (Matthews)"}
+    titles |= {"stsb": "STS-B (Pearson)", "mean": "mean over the five tasks"}
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7.5), sharex=True)
+    for axis, panel in zip(axes.flat, [*TASKS, "mean"], strict=True):
+        drawn = 0
         for index, method in enumerate(methods):
             entry = summary[method]
             memory = max(entry["memory"]) / 2**20
@@ -668,18 +675,23 @@ def plot_score_vs_memory(summary: dict[str, dict], methods: list[str], figure_pa
             else:
                 continue
             axis.errorbar(memory, score, yerr=std, fmt="o", color=f"C{index}", label=METHOD_LABELS[method], capsize=3)
+            drawn += 1
+        if levels is not None and panel in levels:
+            axis.axhline(levels[panel].score, color="grey", linestyle="--", linewidth=1, label="constant predictor")
+        if not drawn:
+            axis.text(0.5, 0.8, "no results yet", transform=axis.transAxes, ha="center", va="center", color="grey")
         axis.set_xscale("log")
-        axis.set_title(panel.upper() if panel != "mean" else "mean over the five tasks")
+        axis.set_title(titles[panel])
         axis.set_xlabel("training memory (MiB, log scale)")
         axis.set_ylabel("dev score (points)")
         axis.grid(alpha=0.3)
-    handles, labels = [], []
+
+    # One legend for the figure: the union of the panels' entries, in first-seen order.
+    legend: dict[str, object] = {}
     for axis in axes.flat:
         for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=9)
+            legend.setdefault(label, handle)
+    figure.legend(list(legend.values()), list(legend), loc="lower center", ncol=4, fontsize=9)
     figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure_path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(figure_path, dpi=120)
