@@ -180,6 +180,20 @@ def test_save_then_load_round_trips_bit_exactly_without_the_solver(
         assert torch.equal(getattr(quantized(input_ids), output), getattr(reloaded(input_ids), output))
 
 
+def test_sharded_checkpoints_round_trip_and_are_checked(tmp_path, monkeypatch):
+    float_dir = save_float(tiny_bert, tmp_path / "float")
+    quantized = AutoModel.from_pretrained(float_dir, quantization_config=GNPIQConfig(bits=4, num_iterations=1))
+    quantized.save_pretrained(tmp_path / "quantized", max_shard_size="20KB")
+    assert len(list((tmp_path / "quantized").glob("*.safetensors"))) > 1
+
+    forbid_solver(monkeypatch)
+    assert_same_state(quantized, AutoModel.from_pretrained(tmp_path / "quantized"))
+
+    edit_quantization_config(tmp_path / "quantized", bits=2)
+    with pytest.raises(ValueError, match=r"query.qweight` has shape \(1536,\).*2 bits.*needs \(768,\)"):
+        AutoModel.from_pretrained(tmp_path / "quantized")
+
+
 def test_llama_checkpoint_keeps_its_tied_head_in_float_and_pads_partial_groups(tmp_path):
     float_dir = save_float(tiny_llama, tmp_path / "float")
     AutoModelForCausalLM.from_pretrained(

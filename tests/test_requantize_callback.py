@@ -169,6 +169,19 @@ def test_error_record_matches_the_float_weights(checkpoints):
     assert record.error_after == pytest.approx(after, rel=1e-4)
 
 
+def test_float_weights_are_found_in_a_sharded_checkpoint(checkpoints, tmp_path):
+    _, float_model, model = float_and_quantized(checkpoints, "llama")
+    float_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    callback = GNPIQRequantizeCallback(tmp_path, fraction=1.0, num_iterations=2)
+
+    record = callback.requantize(model, round_index=1)
+
+    assert len(record.layers) == sum(isinstance(m, GNPIQLinear) for m in model.modules())
+    assert len({file for file, _, _ in callback._sources.values()}) > 1
+    assert record.error_after < record.error_before
+
+
 def test_layer_granularity_changes_only_the_chosen_layers(checkpoints):
     path, _, model = float_and_quantized(checkpoints, "bert")
     num_layers = sum(isinstance(m, GNPIQLinear) for m in model.modules())  # 13: 6 per block and the pooler
