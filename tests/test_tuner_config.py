@@ -30,6 +30,8 @@ BAD_VALUES = [
     pytest.param({"layers_to_tap": []}, ValueError, r"`layers_to_tap` must name at least one", id="taps-empty"),
     pytest.param({"block_stack": "model.layers"}, TypeError, r"`block_stack` must be a list of strings", id="stack"),
     pytest.param({"train_layernorm": 1}, TypeError, r"`train_layernorm` must be a bool", id="ln"),
+    pytest.param({"init_from_backbone": "yes"}, TypeError, r"`init_from_backbone` must be a bool", id="init"),
+    pytest.param({"init_seed": -1}, ValueError, r"`init_seed` must be an int >= 0", id="seed"),
 ]
 
 

@@ -4,7 +4,7 @@ Importing this package adds ``"ISMOE"`` to `peft.utils.PeftType` and registers `
 with PEFT, so ``get_peft_model(model, ISMoEConfig(...))`` and ``PeftModel.from_pretrained(model, path)`` work.
 """
 
-from .config import ISMoEConfig
+from .config import ISMoEConfig, ISMoEWarning
 from .experts import InteractiveRouter, MoEFeedForward, RouterOutput, StackedExperts, load_balancing_loss
 from .model import ISMoEModel, SideNetworkLayer
 from .registration import ISMOE_PEFT_TYPE, register_ismoe
@@ -16,6 +16,7 @@ __all__ = [
     "ISMOE_PEFT_TYPE",
     "ISMoEConfig",
     "ISMoEModel",
+    "ISMoEWarning",
     "InteractiveRouter",
     "MoEFeedForward",
     "RouterOutput",

@@ -10,11 +10,15 @@ from peft.config import PeftConfig
 
 from .registration import ISMOE_PEFT_TYPE
 
-__all__ = ["ROUTER_CHOICES", "SALIENT_FEATURE_CHOICES", "ISMoEConfig"]
+__all__ = ["ROUTER_CHOICES", "SALIENT_FEATURE_CHOICES", "ISMoEConfig", "ISMoEWarning"]
 
 SALIENT_FEATURE_CHOICES = ("cls", "mean", "token")
 ROUTER_CHOICES = ("interactive", "side")
 ACTIVATION_CHOICES = ("gelu", "relu", "silu")
+
+
+class ISMoEWarning(UserWarning):
+    """Something about an ISMoE adapter the user may want to change (a request that could not be honoured)."""
 
 
 @dataclass
@@ -80,6 +84,13 @@ class ISMoEConfig(PeftConfig):
             "through the side network only."
         },
     )
+    init_from_backbone: bool = field(
+        default=False,
+        metadata={
+            "help": "Start each side block from its backbone block's FFN pruned to side width and split into experts "
+            "(plain two-layer FFNs only; gated FFNs keep the random start)."
+        },
+    )
     modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Backbone modules trained in full and saved with the adapter, e.g. ['classifier']."},
@@ -110,8 +121,9 @@ class ISMoEConfig(PeftConfig):
         self.layers_to_tap = _check_int_list("layers_to_tap", self.layers_to_tap)
         self.block_stack = _check_str_list("block_stack", self.block_stack)
         self.modules_to_save = _check_str_list("modules_to_save", self.modules_to_save)
-        if not isinstance(self.train_layernorm, bool):
-            raise TypeError(f"`train_layernorm` must be a bool, got {self.train_layernorm!r}.")
+        for name in ("train_layernorm", "init_from_backbone"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if self.init_seed is not None:
             _check_int("init_seed", self.init_seed, minimum=0)
 

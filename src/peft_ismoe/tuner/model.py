@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -13,7 +14,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter
 from torch import nn
 
 from .backbone import BlockStack, StackTap, find_block_stacks, hidden_size_of
-from .config import ISMoEConfig
+from .config import ISMoEConfig, ISMoEWarning
+from .init import init_side_from_backbone
 from .side import SideNetwork
 
 __all__ = ["ISMoEModel", "SideNetworkLayer"]
@@ -166,7 +168,19 @@ class ISMoEModel(BaseTuner):
                 tapped = self._tapped_indices(config, stack)
                 norm_params = self._initial_norm_params(stack, tapped) if config.train_layernorm else None
                 salient = "token" if stack.role == "decoder" else config.resolved_salient_feature(stack.causal)
-                sides[stack.role] = SideNetwork(hidden, len(tapped), config, salient, norm_params)
+                side = SideNetwork(hidden, len(tapped), config, salient, norm_params)
+                if config.init_from_backbone:
+                    initialised = init_side_from_backbone(side, [stack.blocks[i] for i in tapped], hidden)
+                    if initialised < len(tapped):
+                        warnings.warn(
+                            f"`init_from_backbone=True`: {len(tapped) - initialised} of {len(tapped)} side blocks of "
+                            f"`{stack.path}` keep their random start, because their backbone block has no plain "
+                            "two-layer feed-forward with enough hidden units (gated FFNs, quantized 4-bit weights, or "
+                            "num_experts * expert width larger than the FFN).",
+                            ISMoEWarning,
+                            stacklevel=2,
+                        )
+                sides[stack.role] = side
         device = _device_of(model)
         if device is not None:
             sides.to(device)
