@@ -119,8 +119,8 @@ class ISMoEModel(BaseTuner):
         if hidden % config.reduction_factor != 0:
             raise ValueError(
                 f"`reduction_factor` must divide the hidden size of {type(model).__name__} ({hidden}), got "
-                f"{config.reduction_factor!r}; divisors near 8 are "
-                f"{[r for r in range(2, 33) if hidden % r == 0][:6]}."
+                f"{config.reduction_factor!r}; its divisors up to 32 are "
+                f"{[r for r in range(2, 33) if hidden % r == 0]}."
             )
 
     def _tapped_indices(self, config: ISMoEConfig, stack: BlockStack) -> list[int]:
@@ -318,6 +318,8 @@ class ISMoEModel(BaseTuner):
     # ------------------------------------------------------------------ adapters
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """Freeze every backbone parameter; the side networks live outside `model` and `modules_to_save` copies
+        manage their own flags."""
         for name, parameter in model.named_parameters():
             if ".modules_to_save." not in f".{name}" and not name.startswith("modules_to_save."):
                 parameter.requires_grad = False
