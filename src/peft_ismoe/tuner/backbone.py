@@ -209,7 +209,9 @@ class StackTap:
             # backbone continues with the same values, detached, so it records nothing for backward.
             self._recomputing = True  # functional_call runs the module's hooks, this one included
             try:
-                live = functional_call(module, params, (args[0].detach(),), strict=False)
+                x = args[0].detach()
+                params = {name: value.to(x.dtype) for name, value in params.items()}
+                live = functional_call(module, params, (x,), strict=False)
             finally:
                 self._recomputing = False
             frozen = live.detach()
