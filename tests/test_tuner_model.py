@@ -401,3 +401,21 @@ def test_bitsandbytes_4bit_backbone_trains_and_round_trips(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(_bnb_4bit(tmp_path / "base"), tmp_path / "adapter").eval()
     assert_round_trip(model, loaded, trained, _logits(loaded, batch))
+
+
+def test_bfloat16_backbone_with_a_float32_side_network():
+    batch = _batch()
+    base = _bert().to(torch.bfloat16)
+    expected = _logits(base, batch)
+    model = get_peft_model(base, ISMoEConfig(task_type="SEQ_CLS", num_experts=2, top_k=1, train_layernorm=True))
+    assert torch.equal(_logits(model, batch), expected)
+    side = model.base_model.ismoe_layer.ismoe_side["default"]["backbone"]
+    assert side.dtype == torch.float32
+    _train(model, batch, steps=2)
+    trained = _logits(model, batch)
+    assert trained.dtype == torch.bfloat16 and not torch.equal(trained, expected)
+
+
+def test_unsupported_task_type_raises():
+    with pytest.raises(ValueError, match="`task_type` must be one of .* for ISMoE, got 'QUESTION_ANS'"):
+        get_peft_model(_bert(), ISMoEConfig(task_type="QUESTION_ANS"))
