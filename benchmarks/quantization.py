@@ -573,30 +573,44 @@ def plot(full: dict, limit: dict, path: Path) -> None:
 
     panels = [(m, "all linear layers") for m in MODELS if any(k[0] == m for k in full)]
     panels += [(m, "limit layers") for m in MODELS if any(k[0] == m for k in limit)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.2), squeeze=False)
     styles = {"rtn": "o-", "hqq": "s-", "nf4": "D", "gnpiq": "^-", "limit": "k--"}
-    for ax, (model, kind) in zip(axes[0], panels, strict=True):
+    for column, (model, kind) in enumerate(panels):
         methods = METHODS if kind == "all linear layers" else (*METHODS, "limit")
-        for method in methods:
-            if kind == "all linear layers":
-                points = sorted(
-                    (b, r["weight_error"]) for (m, b, me), r in full.items() if m == model and me == method
+        if kind == "all linear layers":
+            errors = {
+                method: dict(
+                    sorted((b, r["weight_error"]) for (m, b, me), r in full.items() if m == model and me == method)
                 )
-            else:
-                points = sorted(
-                    (b, r["weight_error"][method])
-                    for (m, b), r in limit.items()
-                    if m == model and method in r["weight_error"]
+                for method in methods
+            }
+        else:
+            errors = {
+                method: dict(
+                    sorted(
+                        (b, r["weight_error"][method])
+                        for (m, b), r in limit.items()
+                        if m == model and method in r["weight_error"]
+                    )
                 )
-            if points:
-                ax.plot(*zip(*points, strict=True), styles[method], label=method, markersize=5)
-        ax.set_yscale("log")
-        ax.set_xticks(BITS)
-        ax.set_xlabel("bits per weight code (group size 64)")
-        ax.set_ylabel("relative Frobenius error of the weights")
-        ax.set_title(f"{model}: {kind}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+                for method in methods
+            }
+        top, bottom = axes[0][column], axes[1][column]
+        for method, points in errors.items():
+            if not points:
+                continue
+            top.plot(list(points), list(points.values()), styles[method], label=method, markersize=5)
+            ratios = {b: e / errors["rtn"][b] for b, e in points.items() if b in errors["rtn"]}
+            bottom.plot(list(ratios), list(ratios.values()), styles[method], label=method, markersize=5)
+        top.set_yscale("log")
+        top.set_ylabel("relative Frobenius error of the weights")
+        top.set_title(f"{model}: {kind}", fontsize=10)
+        bottom.set_ylabel("error / round-to-nearest error")
+        for ax in (top, bottom):
+            ax.set_xticks(BITS)
+            ax.set_xlabel("bits per weight code (group size 64)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
