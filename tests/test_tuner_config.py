@@ -69,14 +69,14 @@ def test_importing_again_does_not_fail():
     assert list(PeftType).count(PeftType.ISMOE) == 1
 
 
-def test_extending_with_a_clashing_name_raises():
-    with pytest.raises(ValueError, match="already has a member named 'LORA'"):
-        # a name that exists with the same value is returned; simulate a clash by a name whose value differs
-        original = PeftType._value2member_map_.pop("LORA")
-        try:
+def test_extending_with_a_name_taken_by_another_value_raises():
+    # Hide LORA's value so that only its name is taken, as another plugin's member with a different value would be.
+    original = PeftType._value2member_map_.pop("LORA")
+    try:
+        with pytest.raises(ValueError, match="already has a member named 'LORA' with another value"):
             registration.extend_peft_type("LORA")
-        finally:
-            PeftType._value2member_map_["LORA"] = original
+    finally:
+        PeftType._value2member_map_["LORA"] = original
 
 
 def test_config_round_trips_through_adapter_config_json(tmp_path):
