@@ -192,49 +192,6 @@ def _group(
     return Wg, hg
 
 
-def _round(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Nearest codes of `Wg` on the grid (scale, zero), as a new tensor."""
-    return _Groups(Wg, None).round(scale, zero, qmax, out=torch.empty_like(Wg))
-
-
-def _refit(
-    Wg: torch.Tensor, hg: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares scale and zero of `Wg` for the codes `q` (see `_Groups.refit`); `zero` is not used."""
-    return _Groups(Wg, hg).refit(q, scale)
-
-
-def _error(
-    Wg: torch.Tensor, hg: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
-) -> torch.Tensor:
-    """Weighted squared error of each group, ``[num_groups_total]``."""
-    return _Groups(Wg, hg).error(q, scale, zero)
-
-
-def _perturbed_proposal(
-    Wg: torch.Tensor,
-    hg: torch.Tensor | None,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    *,
-    qmax: int,
-    sigma: float,
-    refine_steps: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One proposal with fresh noise of `sigma` quantization steps: its scale, zero and per-group error.
-
-    For callers that search a few groups at a time; the solver itself deals its noise from a bank (`_iterate`).
-    """
-    groups = _Groups(Wg, hg)
-    q = torch.randn(Wg.shape, generator=generator, device=Wg.device, dtype=Wg.dtype)
-    q.mul_(sigma).addcmul_(Wg, scale.reciprocal()[:, None]).add_(zero[:, None]).round_().clamp_(0, qmax)
-    new_scale, new_zero = groups.refit(q, scale)
-    for _ in range(refine_steps):
-        new_scale, new_zero = groups.refit(groups.round(new_scale, new_zero, qmax, out=q), new_scale)
-    return new_scale, new_zero, groups.error(groups.round(new_scale, new_zero, qmax, out=q), new_scale, new_zero)
-
-
 def _iterate(
     groups: _Groups,
     scale: torch.Tensor,
