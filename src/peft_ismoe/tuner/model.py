@@ -16,6 +16,7 @@ from torch import nn
 from .backbone import BlockStack, StackTap, find_block_stacks, hidden_size_of
 from .config import ISMoEConfig, ISMoEWarning
 from .init import init_side_from_backbone
+from .outputs import with_aux_loss
 from .side import SideNetwork
 
 __all__ = ["ISMoEModel", "SideNetworkLayer"]
@@ -309,8 +310,7 @@ class ISMoEModel(BaseTuner):
             coef = self.peft_config[self.ismoe_layer.active_adapters[0]].aux_loss_coef
             if kwargs.get("labels") is not None and output.get("loss") is not None and coef > 0:
                 output["loss"] = output["loss"] + coef * aux_loss.to(output["loss"].dtype)
-            output["aux_loss"] = aux_loss
-            return output
+            return with_aux_loss(output, aux_loss)
         finally:
             self._call_aux = []
             self._call_masks = {}

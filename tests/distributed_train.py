@@ -1,0 +1,123 @@
+"""Train a tiny ISMoE model with Accelerate, under one process or under DDP; run by `test_distributed.py`.
+
+Run alone (one process, the whole global batch per step) or under a launcher (``--multi_gpu`` starts one process
+per rank through torchrun; on a machine without GPUs they join a gloo group; ``--cpu`` alone would start one)::
+
+    python tests/distributed_train.py OUT_DIR --per-device-batch 8
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 tests/distributed_train.py OUT_DIR \
+        --per-device-batch 4
+
+Both see the same global batches in the same order (no shuffling; Accelerate deals consecutive per-device batches
+to the ranks), so with ``aux_loss_coef=0`` and no dropout they follow the same trajectory up to float rounding. For
+each of ``--modes`` (``find_unused``: DDP's ``find_unused_parameters=True``, what the HF Trainer picks for a
+PeftModel; ``plain``: without it) the main process writes ``OUT_DIR/adapter_{mode}.safetensors`` (the trained side
+network and head), and ``OUT_DIR/usage.json`` holds, per mode and step, every rank's routing-slot counts of the
+first side block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from peft import get_peft_model
+from safetensors.torch import save_file
+from transformers import BertConfig, BertForSequenceClassification
+
+from peft_ismoe import ISMoEConfig
+
+BERT = BertConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    num_labels=2,
+    # Dropout draws from each rank's own random stream; without it one process and two follow the same path.
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+NUM_EXAMPLES = 32
+SEQ = 6
+
+
+class Examples(torch.utils.data.Dataset):
+    """Short random sequences whose label is readable from the first token."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, BERT.vocab_size, (NUM_EXAMPLES, SEQ), generator=generator)
+        self.mask = torch.ones_like(self.ids)
+        self.mask[::3, SEQ - 2 :] = 0  # some padding, so masks matter
+        self.labels = (self.ids[:, 0] > BERT.vocab_size // 2).long()
+
+    def __len__(self) -> int:
+        return NUM_EXAMPLES
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def build_model():
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(copy.deepcopy(BERT))
+    # Many experts and top-1 over few tokens per rank: some experts get no token on a rank at most steps.
+    config = ISMoEConfig(task_type="SEQ_CLS", num_experts=8, top_k=1, aux_loss_coef=0.0, init_seed=0)
+    return get_peft_model(base, config)
+
+
+def train(accelerator: Accelerator, per_device_batch: int, steps: int) -> tuple[dict[str, torch.Tensor], list]:
+    """`steps` AdamW steps; the trained tensors and, per step, every rank's routing counts of the first side block."""
+    model = build_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loader = torch.utils.data.DataLoader(Examples(), batch_size=per_device_batch, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    tuner = accelerator.unwrap_model(model).base_model
+
+    usage = []
+    model.train()
+    batches = iter(loader)
+    for _ in range(steps):
+        batch = next(batches)
+        tuner.reset_expert_usage()
+        optimizer.zero_grad()
+        accelerator.backward(model(**batch).loss)
+        optimizer.step()
+        counts = tuner.expert_usage()["backbone.blocks.0"]
+        usage.append(accelerator.gather(counts[None]).tolist())  # [ranks, E]
+    trained = {n: p.detach().clone().contiguous() for n, p in tuner.named_parameters() if p.requires_grad}
+    return trained, usage
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--per-device-batch", type=int, required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--modes", default="find_unused,plain", help="comma-separated: find_unused, plain")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    results = {}
+    for mode in args.modes.split(","):
+        # One Accelerator per mode: the DDP options are read when the model is prepared.
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=mode == "find_unused")]
+        accelerator = Accelerator(cpu=True, kwargs_handlers=handlers)
+        trained, usage = train(accelerator, args.per_device_batch, args.steps)
+        results[mode] = usage
+        if accelerator.is_main_process:
+            args.out.mkdir(parents=True, exist_ok=True)
+            save_file(trained, str(args.out / f"adapter_{mode}.safetensors"))
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        (args.out / "usage.json").write_text(json.dumps({"world_size": accelerator.num_processes, "usage": results}))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
