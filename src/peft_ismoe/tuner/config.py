@@ -9,6 +9,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from .registration import ISMOE_PEFT_TYPE
+from .safety import LOADED_FROM_ATTRIBUTE, check_adapter_folder
 
 __all__ = ["ROUTER_CHOICES", "SALIENT_FEATURE_CHOICES", "ISMoEConfig", "ISMoEWarning"]
 
@@ -98,6 +99,13 @@ class ISMoEConfig(PeftConfig):
     init_seed: int | None = field(
         default=None, metadata={"help": "Seed for the side network's initialisation; None uses torch's global RNG."}
     )
+    base_model_fingerprint: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Set when the adapter is attached: the backbone's model type, hidden size and block stacks; an "
+            "adapter loaded from disk is refused on a backbone that does not match it."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,6 +134,21 @@ class ISMoEConfig(PeftConfig):
                 raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if self.init_seed is not None:
             _check_int("init_seed", self.init_seed, minimum=0)
+        if self.base_model_fingerprint is not None and not isinstance(self.base_model_fingerprint, dict):
+            raise TypeError(f"`base_model_fingerprint` must be a dict or None, got {self.base_model_fingerprint!r}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """The config saved in a folder, once the folder's weights are known to be safe to read (`safety`)."""
+        check_adapter_folder(pretrained_model_name_or_path, subfolder)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, cls):
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} holds a {type(config).__name__} adapter "
+                f"(peft_type {getattr(config, 'peft_type', None)!r}), not an ISMoE adapter."
+            )
+        setattr(config, LOADED_FROM_ATTRIBUTE, str(pretrained_model_name_or_path))
+        return config
 
     def resolved_salient_feature(self, causal: bool) -> str:
         """The salient feature one side network uses: `salient_feature`, or the default for its kind of stack."""

@@ -17,6 +17,7 @@ from .backbone import BlockStack, StackTap, find_block_stacks, hidden_size_of
 from .config import ISMoEConfig, ISMoEWarning
 from .init import init_side_from_backbone
 from .outputs import with_aux_loss
+from .safety import check_base_fits
 from .side import SideNetwork
 
 __all__ = ["ISMoEModel", "SideNetworkLayer"]
@@ -149,6 +150,7 @@ class ISMoEModel(BaseTuner):
         config = self.peft_config[adapter_name]
         self._check_config(config, model)
         stacks = find_block_stacks(model, config.block_stack, causal=config.is_causal_lm)
+        check_base_fits(config, model, stacks, hidden_size_of(model))
         if self._stacks is not None and [s.path for s in stacks] != [s.path for s in self._stacks]:
             raise ValueError(
                 f"Adapter {adapter_name!r} attaches to {[s.path for s in stacks]}, but the existing adapters attach "
