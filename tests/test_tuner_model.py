@@ -419,3 +419,22 @@ def test_bfloat16_backbone_with_a_float32_side_network():
 def test_unsupported_task_type_raises():
     with pytest.raises(ValueError, match="`task_type` must be one of .* for ISMoE, got 'QUESTION_ANS'"):
         get_peft_model(_bert(), ISMoEConfig(task_type="QUESTION_ANS"))
+
+
+def test_low_cpu_mem_usage_loading_and_load_adapter(tmp_path):
+    batch = _batch()
+    model = get_peft_model(_bert(), ISMoEConfig(task_type="SEQ_CLS", num_experts=2, top_k=2))
+    _train(model, batch, steps=2)
+    trained = _logits(model, batch)
+    model.save_pretrained(tmp_path)
+
+    lazy = PeftModel.from_pretrained(_with_new_head(3), tmp_path, low_cpu_mem_usage=True).eval()
+    assert not any(p.is_meta for p in lazy.parameters())
+    assert_round_trip(model, lazy, trained, _logits(lazy, batch))
+
+    trainable = PeftModel.from_pretrained(_with_new_head(3), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters() == model.get_nb_trainable_parameters()
+    trainable.load_adapter(tmp_path, adapter_name="again")
+    trainable.set_adapter("again")
+    trainable.eval()
+    torch.testing.assert_close(_logits(trainable, batch), trained, rtol=0, atol=1e-6)

@@ -43,9 +43,18 @@ class SideNetworkLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = []
         self._disable_adapters = False
         self.merged_adapters = []
+        self.backbone_device: torch.device | None = None
 
     def get_base_layer(self) -> nn.Module:
         return self
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        # PEFT calls this after assigning loaded tensors (`low_cpu_mem_usage`); the "base layer" here is the
+        # backbone, whose device was recorded when the adapter was attached.
+        device = device or self.backbone_device
+        sides = self.ismoe_side[adapter_name] if adapter_name in self.ismoe_side else None
+        if sides is not None and device is not None and not any(p.is_meta for p in sides.parameters()):
+            sides.to(device)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(
@@ -185,7 +194,9 @@ class ISMoEModel(BaseTuner):
                         )
                 sides[stack.role] = side
         device = _device_of(model)
-        if device is not None:
+        # Under `low_cpu_mem_usage` the parameters are created on the meta device and the loaded tensors are
+        # assigned in their place later; there is nothing to move yet.
+        if device is not None and not any(p.is_meta for p in sides.parameters()):
             sides.to(device)
 
         first = self._stacks is None
@@ -196,6 +207,7 @@ class ISMoEModel(BaseTuner):
         elif config.train_layernorm and not any(self.peft_config[n].train_layernorm for n in self._adapter_names()):
             for tap in self._taps:
                 tap.hook_norms()
+        self.ismoe_layer.backbone_device = device
         self.ismoe_layer.ismoe_side[adapter_name] = sides
         self.targeted_module_names = [s.path for s in stacks]
 
