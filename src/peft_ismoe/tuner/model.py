@@ -16,6 +16,7 @@ from torch import nn
 from .backbone import BlockStack, StackTap, find_block_stacks, hidden_size_of
 from .config import ISMoEConfig, ISMoEWarning
 from .init import init_side_from_backbone
+from .inputs import check_model_inputs
 from .outputs import with_aux_loss
 from .safety import check_base_fits
 from .side import SideNetwork
@@ -279,6 +280,7 @@ class ISMoEModel(BaseTuner):
         return self._active_sides()[stack.role].tap_norm_params(tap)
 
     def _record_top_masks(self, _module, args, kwargs):
+        check_model_inputs(_module, args, kwargs)
         self._call_aux = []
         self._call_masks = {
             "backbone": kwargs.get("attention_mask"),
