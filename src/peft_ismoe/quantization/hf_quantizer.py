@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -197,9 +197,15 @@ def _read_safetensors_headers(checkpoint_files: Iterable[str] | None) -> dict[st
         return None
     shapes = {}
     for path in checkpoint_files:
-        with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
+        try:
+            with safe_open(path, framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except SafetensorError as error:
+            raise ValueError(
+                f"The checkpoint file {str(path)!r} is not a readable safetensors file (truncated or corrupted?): "
+                f"{error}. Save or download the quantized checkpoint again."
+            ) from error
     return shapes
 
 
