@@ -193,6 +193,7 @@ def test_family_builds_trains_a_step_and_round_trips(name, tmp_path):
     loss_fn = _features_loss if family.labels == "none" else None
     model.train()
     output = model(**_inputs(family, with_labels=family.labels != "none"))
+    assert output.aux_loss.ndim == 0 and output.aux_loss.item() >= 1.0 - 1e-5
     (output.loss if loss_fn is None else loss_fn(output)).backward()
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
     assert all(("ismoe_side" in n or "modules_to_save" in n) for n, p in model.named_parameters() if p.requires_grad)
@@ -266,3 +267,16 @@ def test_t5_generate_runs_both_side_networks():
     assert torch.equal(generated[:, : ids.shape[1]], ids)
     usage = model.base_model.expert_usage()
     assert {key.split(".")[0] for key in usage} == {"encoder", "decoder"}
+
+
+def test_aux_loss_reaches_the_loss_without_a_task_type():
+    family = FAMILIES["vit-image-cls"]
+    batch = _inputs(family, with_labels=True)
+    base = _build(family)
+    with torch.no_grad():
+        plain = base(**batch).loss
+    config = ISMoEConfig(num_experts=3, top_k=2, reduction_factor=4, aux_loss_coef=0.5, modules_to_save=["classifier"])
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        output = model(**batch)
+    torch.testing.assert_close(output.loss, plain + 0.5 * output.aux_loss)

@@ -264,6 +264,9 @@ class ISMoEModel(BaseTuner):
                 owner.register_forward_pre_hook(self._make_mask_hook(stack.role), with_kwargs=True)
             )
         self._top_handles.append(model.register_forward_pre_hook(self._record_top_masks, with_kwargs=True))
+        # A hook rather than `forward`: PEFT's generic PeftModel (task_type None) and generation call the model
+        # directly, not through this tuner.
+        self._top_handles.append(model.register_forward_hook(self._attach_aux_loss, with_kwargs=True))
 
     # ------------------------------------------------------------------ hooks
 
@@ -316,17 +319,20 @@ class ISMoEModel(BaseTuner):
 
     # ------------------------------------------------------------------ forward
 
+    def _attach_aux_loss(self, _module, _args, kwargs, output):
+        """Return the model's output with ``aux_loss``, and ``aux_loss_coef * aux_loss`` added to a labelled loss."""
+        aux_losses, self._call_aux, self._call_masks = self._call_aux, [], {}
+        if not self._is_active() or not aux_losses or not hasattr(output, "keys"):
+            return None
+        aux_loss = torch.stack([loss.float() for loss in aux_losses]).mean()
+        coef = self.peft_config[self.ismoe_layer.active_adapters[0]].aux_loss_coef
+        if kwargs.get("labels") is not None and output.get("loss") is not None and coef > 0:
+            output["loss"] = output["loss"] + coef * aux_loss.to(output["loss"].dtype)
+        return with_aux_loss(output, aux_loss)
+
     def forward(self, *args: Any, **kwargs: Any):
-        self._call_aux = []
         try:
-            output = self.model(*args, **kwargs)
-            if not self._is_active() or not self._call_aux or not hasattr(output, "keys"):
-                return output
-            aux_loss = torch.stack([loss.float() for loss in self._call_aux]).mean()
-            coef = self.peft_config[self.ismoe_layer.active_adapters[0]].aux_loss_coef
-            if kwargs.get("labels") is not None and output.get("loss") is not None and coef > 0:
-                output["loss"] = output["loss"] + coef * aux_loss.to(output["loss"].dtype)
-            return with_aux_loss(output, aux_loss)
+            return self.model(*args, **kwargs)
         finally:
             self._call_aux = []
             self._call_masks = {}
