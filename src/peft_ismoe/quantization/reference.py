@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .solver import _GROUPS_PER_BLOCK, QuantizedWeight, _check_solver_input, _group, _Groups
+from .solver import _GROUPS_PER_BLOCK, QuantizedWeight, _check_solver_input, _Groups, grouped_weight
 
 __all__ = ["clipping_search_quantize"]
 
@@ -84,7 +84,7 @@ def clipping_search_quantize(
     _check_solver_input(W, bits, group_size, importance)
     qmax = 2**bits - 1
     out_features, in_features = W.shape
-    Wg, hg = _group(W.detach().float(), group_size, importance)
+    Wg, hg = grouped_weight(W.detach().float(), group_size, importance)
     fractions = clipping_fractions(bits, num_fractions, max_fraction)
 
     # Block by block, as the solver does, so each block stays in the CPU cache across all candidates.
