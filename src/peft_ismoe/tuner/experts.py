@@ -122,7 +122,8 @@ class StackedExperts(nn.Module):
                 continue
             tokens = token_of[start : start + count]  # [count]
             y = self.expert(e, x.index_select(0, tokens)) * flat_weights[start : start + count, None]  # [count, d]
-            out = out.index_add(0, tokens, y)
+            # Under autocast the expert's matmuls run in bf16/fp16 while the routing weights stay float32.
+            out = out.index_add(0, tokens, y.to(out.dtype))
             start += count
         return out
 
