@@ -12,7 +12,7 @@ from .model import (
     quantize_model,
 )
 from .packing import pack_codes, packed_numel, unpack_codes
-from .solver import QuantizedWeight, gnpiq_quantize, minmax_quantize
+from .solver import QuantizedWeight, gnpiq_quantize, minmax_quantize, noise_in_steps
 
 __all__ = [
     "DEFAULT_MODULES_TO_NOT_CONVERT",
@@ -29,6 +29,7 @@ __all__ = [
     "gnpiq_quantize",
     "is_gnpiq_quantized",
     "minmax_quantize",
+    "noise_in_steps",
     "pack_codes",
     "packed_numel",
     "quantize_linear_layers",

@@ -29,6 +29,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .config import GNPIQConfig
 from .linear import GNPIQLinear
 from .packing import pack_codes
+from .solver import group_error, grouped_weight, round_to_grid, search_grid
 
 __all__ = ["GNPIQRequantizeCallback", "RefinedGrid", "RequantizeRound", "refine_grid"]
 
@@ -55,96 +56,10 @@ class RefinedGrid:
     error_after: float
 
 
-# Variance of a group's codes below which the least-squares refit is ill-posed (all codes equal).
-_MIN_CODE_VARIANCE = 1e-8
-
-# Groups searched together, so that a block's working tensors stay in the CPU cache across the iterations.
-_GROUPS_PER_BLOCK = 2048
-
-
-def _grouped(W: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``W`` as groups ``[out * num_groups, group_size]`` and a 0/1 mask of the real (not padded) columns.
-
-    Padded columns repeat the last real column, as the layer's own codes were padded, and carry no weight. The
-    mask is None when nothing is padded.
-    """
-    out_features, in_features = W.shape
-    padding = (-in_features) % group_size
-    if not padding:
-        return W.reshape(-1, group_size), None
-    W = torch.cat([W, W[:, -1:].expand(out_features, padding)], dim=1)
-    mask = torch.ones_like(W)
-    mask[:, in_features:] = 0
-    return W.reshape(-1, group_size), mask.view(-1, group_size)
-
-
-def _round(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Nearest code on each group's grid: the exact minimiser of the error for a fixed scale and zero."""
-    return (Wg / scale[:, None] + zero[:, None]).round_().clamp_(0, qmax)
-
-
-def _mean(x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float) -> torch.Tensor:
-    return x.mean(dim=1) if mask is None else (x * mask).sum(dim=1) / count
-
-
-def _refit(
-    Wg: torch.Tensor, mask: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least squares of ``W ~ a * q + b`` over each group's real columns, as ``scale = a, zero = -b / a``.
-
-    Groups whose codes are all equal, or whose fit has a non-positive slope, keep `scale`; their zero point moves
-    so the group dequantizes to its mean. The codes are centred before their variance is taken, so float32 does
-    not cancel.
-    """
-    count = 1.0 if mask is None else mask.sum(dim=1)
-    q_mean, W_mean = _mean(q, mask, count), _mean(Wg, mask, count)
-    dq = q - q_mean[:, None]
-    var_q = _mean(dq * dq, mask, count)
-    cov = _mean(dq * Wg, mask, count)
-    a = cov / var_q.clamp_min(_MIN_CODE_VARIANCE)
-    new_scale = torch.where((var_q > _MIN_CODE_VARIANCE) & (a > 0), a, scale)
-    return new_scale, q_mean - W_mean / new_scale
-
-
-def _error(
-    Wg: torch.Tensor, mask: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
-) -> torch.Tensor:
-    """Squared error of each group over its real columns, ``[groups]``."""
-    residual = ((q - zero[:, None]) * scale[:, None] - Wg).square_()
-    return residual.sum(dim=1) if mask is None else residual.mul_(mask).sum(dim=1)
-
-
-def _search(
-    Wg: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    err: torch.Tensor,
-    *,
-    qmax: int,
-    num_iterations: int,
-    noise_std: float,
-    noise_decay: float,
-    refine_steps: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The noise-perturbed search on a block of groups from the grid (`scale`, `zero`) of error `err`."""
-    for t in range(num_iterations):
-        noise = torch.randn(Wg.shape, generator=generator, device=Wg.device)
-        q = _round(noise.mul_(noise_std * noise_decay**t * scale[:, None]).add_(Wg), scale, zero, qmax)
-        new_scale, new_zero = _refit(Wg, mask, q, scale)
-        for _ in range(refine_steps):
-            new_scale, new_zero = _refit(Wg, mask, _round(Wg, new_scale, new_zero, qmax), new_scale)
-        new_err = _error(Wg, mask, _round(Wg, new_scale, new_zero, qmax), new_scale, new_zero)
-        better = new_err < err
-        scale, zero = torch.where(better, new_scale, scale), torch.where(better, new_zero, zero)
-        err = torch.where(better, new_err, err)
-    return scale, zero
-
-
 # Objective, per group g of the searched groups: minimise E_g = sum_j (W_j - scale * (q_j - zero))**2 over the
 # stored float16 scale and zero (q rounded to the nearest code), starting from the layer's current grid and codes,
-# and accept a new grid only where E_g drops strictly below the error of what the layer stores now.
+# and accept a new grid only where E_g drops strictly below the error of what the layer stores now. The search is
+# the solver's own `search_grid`, on the chosen groups only.
 @torch.no_grad()
 def refine_grid(
     W: torch.Tensor,
@@ -159,17 +74,19 @@ def refine_grid(
 ) -> RefinedGrid:
     """Continue the GNP-IQ search of `layer` from its current grid, on the float weight `W`; `layer` is not modified.
 
-    Iteration ``t`` rounds ``W`` plus Gaussian noise of ``noise_std * noise_decay**t`` quantization steps on the
-    incumbent grid, refits scale and zero by least squares on those codes, polishes with ``refine_steps`` "round,
-    refit" steps, and keeps the proposal per group where it lowers the error. The final grid is rounded to
-    float16, the codes re-rounded against it, and only then compared with the error of the layer's stored codes,
-    so the error of what is served never rises.
+    Runs `~peft_ismoe.quantization.solver.search_grid` on the chosen groups from the grid the layer stores: iteration
+    ``t`` rounds ``W`` plus Gaussian noise of ``noise_in_steps(noise_std, bits) * noise_decay**t`` quantization
+    steps on the incumbent grid, refits scale and zero by least squares on those codes, polishes with
+    ``refine_steps`` "round, refit" steps, and keeps the proposal per group where it lowers the error. The final
+    grid is rounded to float16, the codes re-rounded against it, and only then compared with the error of the
+    layer's stored codes, so the error of what is served never rises.
 
     Args:
         W: ``[out_features, in_features]`` float weight the layer was quantized from.
         layer: the quantized layer.
         groups: optional ``bool [out_features, num_groups]`` mask of the groups to search; None searches all.
-        num_iterations, noise_std, noise_decay, refine_steps: the search, as above.
+        num_iterations, noise_std, noise_decay, refine_steps: the search, as above; `noise_std` is in steps at 4
+            bits, widened for finer grids as at load time (`noise_in_steps`).
         generator: seeds the noise; on `W`'s device.
     """
     out_features, num_groups = layer.scales.shape
@@ -179,47 +96,31 @@ def refine_grid(
         )
     if groups is None:
         groups = torch.ones(out_features, num_groups, dtype=torch.bool, device=W.device)
-    qmax = 2**layer.bits - 1
 
-    Wg, mask = _grouped(W.detach().float(), layer.group_size)  # [out * groups, group_size]
+    # Padded columns repeat the row's last weight, as the layer's own codes were padded, and weigh 0 in the error.
+    Wg, hg = grouped_weight(W.detach().float(), layer.group_size)  # [out * groups, group_size]
     codes = layer.codes().reshape(-1, layer.group_size).float()
-    scale, zero = layer.scales.reshape(-1).float(), layer.zeros.reshape(-1).float()
-    current_err = _error(Wg, mask, codes, scale, zero)  # of the stored codes, exactly as served
+    scale, zero = layer.scales.reshape(-1), layer.zeros.reshape(-1)
+    current_err = group_error(Wg, hg, codes, scale, zero)  # of the stored codes, as served
 
-    # Search the selected groups from the current grid, block by block.
+    # Search the selected groups from the current grid.
     rows = groups.reshape(-1).nonzero().squeeze(1)
-    Wr, mr = Wg[rows], None if mask is None else mask[rows]
-    blocks = []
-    for start in range(0, rows.numel(), _GROUPS_PER_BLOCK):
-        block = slice(start, start + _GROUPS_PER_BLOCK)
-        blocks.append(
-            _search(
-                Wr[block],
-                None if mr is None else mr[block],
-                scale[rows[block]],
-                zero[rows[block]],
-                current_err[rows[block]],
-                qmax=qmax,
-                num_iterations=num_iterations,
-                noise_std=noise_std,
-                noise_decay=noise_decay,
-                refine_steps=refine_steps,
-                generator=generator,
-            )
-        )
-    s = torch.cat([b[0] for b in blocks])
-    z = torch.cat([b[1] for b in blocks])
+    Wr, hr = Wg[rows], None if hg is None else hg[rows]
+    search = search_grid(
+        Wr, hr, scale[rows], zero[rows],
+        bits=layer.bits, num_iterations=num_iterations, noise_std=noise_std, noise_decay=noise_decay,
+        refine_steps=refine_steps, generator=generator,
+    )  # fmt: skip
 
     # Store in float16, round against what is stored, and keep only strict improvements over the served grid.
-    s16, z16 = s.half(), z.half()
-    q = _round(Wr, s16.float(), z16.float(), qmax)
-    final_err = _error(Wr, mr, q, s16.float(), z16.float())
+    s16, z16 = search.scale.half(), search.zero.half()
+    q, final_err = round_to_grid(Wr, hr, s16, z16, bits=layer.bits)
     accept = final_err < current_err[rows]
     accepted = rows[accept]
 
     new_codes = codes.clone()
     new_codes[accepted] = q[accept]
-    new_scale, new_zero = layer.scales.reshape(-1).clone(), layer.zeros.reshape(-1).clone()
+    new_scale, new_zero = scale.clone(), zero.clone()
     new_scale[accepted], new_zero[accepted] = s16[accept], z16[accept]
     new_err = current_err.clone()
     new_err[accepted] = final_err[accept]
@@ -269,9 +170,11 @@ class GNPIQRequantizeCallback(TrainerCallback):
     Nothing is held between rounds but layer names and checkpoint keys; one layer's float weight is in memory at
     a time, during its search.
 
-    The error is the unweighted one: a model quantized with calibration data is refined data-free. The search
-    settings are the callback's own: the grid it starts from is already a converged one, so it takes fewer
-    iterations than the load-time search, and its ``noise_std`` is in quantization steps of each group.
+    The error is the unweighted one: a model quantized with calibration data is refined data-free. The search is the
+    load-time one (`~peft_ismoe.quantization.solver.search_grid`), started from the layer's stored grid; its settings
+    are the callback's own: that grid is already a converged one, so it takes fewer iterations than the load-time
+    search. ``noise_std`` is in quantization steps at 4 bits and widened for finer grids as at load time
+    (`~peft_ismoe.quantization.solver.noise_in_steps`).
 
     Checkpoint keys are matched to layer names by their longest common dotted suffix, so a PEFT wrapper or a
     task head's prefix (``base_model.model.``, ``bert.``) does not matter. GPT-2 style checkpoints store their

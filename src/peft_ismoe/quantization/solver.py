@@ -57,6 +57,7 @@ __all__ = [
     "QuantizedWeight",
     "dequantize_groups",
     "gnpiq_quantize",
+    "group_error",
     "grouped_weight",
     "minmax_quantize",
     "noise_in_steps",
@@ -438,6 +439,13 @@ def round_to_grid(
     groups = _Groups(W_groups, weights, centred=False)
     q = groups.round(scale.float(), zero.float(), 2**bits - 1, out=torch.empty_like(W_groups))
     return q, groups.error(q, scale.float(), zero.float())
+
+
+def group_error(
+    W_groups: torch.Tensor, weights: torch.Tensor | None, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """Weighted squared error of given codes on the grid (`scale`, `zero`), per group, ``[groups]``."""
+    return _Groups(W_groups, weights, centred=False).error(codes.float(), scale.float(), zero.float())
 
 
 def _check_solver_input(W: torch.Tensor, bits: int, group_size: int, importance: torch.Tensor | None) -> None:
