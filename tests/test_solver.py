@@ -8,8 +8,17 @@ from itertools import pairwise
 import pytest
 import torch
 
+from peft_ismoe.quantization import noise_in_steps as exported_noise_in_steps
 from peft_ismoe.quantization.reference import clipping_fractions, clipping_search_quantize
-from peft_ismoe.quantization.solver import gnpiq_quantize, minmax_quantize, noise_in_steps
+from peft_ismoe.quantization.solver import (
+    gnpiq_quantize,
+    group_error,
+    grouped_weight,
+    minmax_quantize,
+    noise_in_steps,
+    round_to_grid,
+    search_grid,
+)
 
 BITS = (2, 3, 4, 8)
 
@@ -142,6 +151,9 @@ BAD_INPUTS = [
     ({"group_size": 8.0}, r"`group_size` must be a positive int, got 8.0"),
     ({"importance": torch.ones(3)}, r"`importance` must have shape \(16,\), one weight per input column, got \(3,\)"),
     ({"importance": -torch.ones(16)}, r"`importance` must be finite and non-negative"),
+    ({"patience": 0}, r"`patience` must be an int >= 1, got 0"),
+    ({"tolerance": 1.0}, r"`tolerance` must be a number in \[0, 1\), got 1.0"),
+    ({"tolerance": -0.1}, r"`tolerance` must be a number in \[0, 1\), got -0.1"),
 ]
 
 
@@ -177,3 +189,89 @@ def test_reference_fractions_are_fine_near_zero_at_8_bits() -> None:
     quarter_steps = [k / (4 * 255) for k in range(-4, 17)]
     assert all(any(abs(f - q) < 1e-9 for f in fractions) for q in quarter_steps)
     assert max(fractions) == pytest.approx(0.5)
+
+
+def grid_of(quantized) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantized.scale.reshape(-1).float(), quantized.zero.reshape(-1).float()
+
+
+def test_noise_in_steps_is_exported_by_the_package() -> None:
+    assert exported_noise_in_steps is noise_in_steps
+
+
+def test_search_from_a_given_grid_never_rises_above_it() -> None:
+    W = make_weight(in_features=100)
+    Wg, hg = grouped_weight(W, 32)
+    start = minmax_quantize(W, bits=3, group_size=32)
+    scale, zero = grid_of(start)
+
+    search = search_grid(Wg, hg, scale, zero, bits=3, num_iterations=6, generator=torch.Generator().manual_seed(0))
+
+    _, start_error = round_to_grid(Wg, hg, scale, zero, bits=3)
+    assert search.error_history[0] == pytest.approx(float(start_error.sum()), rel=1e-6)
+    assert (search.error <= start_error).all()
+    assert search.error_history[-1] < search.error_history[0]
+    _, error = round_to_grid(Wg, hg, search.scale, search.zero, bits=3)
+    torch.testing.assert_close(error, search.error)  # the error it reports is the error of its grid
+
+
+def test_search_on_a_subset_touches_only_those_groups() -> None:
+    W = make_weight()
+    Wg, hg = grouped_weight(W, 64)
+    scale, zero = grid_of(minmax_quantize(W, bits=4))
+    rows = torch.tensor([0, 5, 17, 40])
+
+    search = search_grid(
+        Wg[rows], None, scale[rows], zero[rows], bits=4, num_iterations=5, generator=torch.Generator().manual_seed(1)
+    )
+
+    assert search.scale.shape == (4,) and search.error.shape == (4,)
+    assert search.group_iterations <= 5 * 4
+    codes, error = round_to_grid(Wg[rows], None, search.scale, search.zero, bits=4)
+    torch.testing.assert_close(group_error(Wg[rows], None, codes, search.scale, search.zero), error)
+
+
+def test_active_set_skips_groups_that_stopped_improving() -> None:
+    W = make_weight()
+    kwargs = {"bits": 4, "num_iterations": 12, "seed": 0, "tolerance": 0.0}
+    Wg, _ = grouped_weight(W, 64)
+    scale, zero = grid_of(minmax_quantize(W, bits=4))
+    num_groups = Wg.shape[0]
+
+    def run(patience: int):
+        generator = torch.Generator().manual_seed(0)
+        return search_grid(Wg, None, scale, zero, bits=4, num_iterations=12, patience=patience, tolerance=0.0,
+                           generator=generator)  # fmt: skip
+
+    full, lazy = run(patience=12), run(patience=1)
+
+    assert full.group_iterations == 12 * num_groups
+    assert lazy.group_iterations < full.group_iterations
+    assert all(later <= earlier for earlier, later in pairwise(lazy.error_history))
+    assert len(lazy.error_history) == 13
+    quantized = gnpiq_quantize(W, patience=1, **kwargs)
+    assert all(later <= earlier for earlier, later in pairwise(quantized.error_history))
+
+
+def test_tolerance_stops_a_block_whose_error_stopped_falling() -> None:
+    W = make_weight()
+    Wg, _ = grouped_weight(W, 64)
+    scale, zero = grid_of(minmax_quantize(W, bits=4))
+
+    # Any first iteration gains less than 99% of the error: the block stops after it.
+    search = search_grid(
+        Wg, None, scale, zero, bits=4, num_iterations=8, tolerance=0.99, generator=torch.Generator().manual_seed(0)
+    )
+
+    assert search.group_iterations == Wg.shape[0]
+    assert len(search.error_history) == 9
+    assert len(set(search.error_history[1:])) == 1
+    assert search.error_history[1] < search.error_history[0]
+
+
+def test_same_seed_gives_identical_codes_with_the_active_set() -> None:
+    W = make_weight(in_features=100)
+    first = gnpiq_quantize(W, bits=8, group_size=32, patience=2, tolerance=1e-3, seed=5)
+    second = gnpiq_quantize(W, bits=8, group_size=32, patience=2, tolerance=1e-3, seed=5)
+    assert torch.equal(first.codes, second.codes)
+    assert torch.equal(first.scale, second.scale) and torch.equal(first.zero, second.zero)
