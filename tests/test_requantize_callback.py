@@ -31,6 +31,7 @@ import peft_ismoe.quantization.callback as callback_module
 from peft_ismoe import GNPIQConfig, GNPIQLinear, GNPIQRequantizeCallback, ISMoEConfig
 from peft_ismoe.quantization import refine_grid
 from peft_ismoe.quantization.model import find_linear_layers
+from peft_ismoe.quantization.solver import grouped_weight, search_grid
 
 VOCAB = 50
 # Few load-time iterations leave room for the refinement to improve something.
@@ -227,6 +228,29 @@ def test_refine_grid_changes_only_the_groups_it_is_given(checkpoints):
     assert torch.equal(result.zero[unchanged], layer.zeros[unchanged])
     codes = result.codes.view(layer.out_features, -1, layer.group_size)
     assert torch.equal(codes[unchanged], layer.codes().view(layer.out_features, -1, layer.group_size)[unchanged])
+
+
+def test_refine_grid_runs_the_solvers_search_from_the_stored_grid(checkpoints):
+    _, float_model, model = float_and_quantized(checkpoints, "bert")
+    layer = model.encoder.layer[1].output.dense
+    W = float_model.encoder.layer[1].output.dense.weight.detach()
+    groups = torch.zeros_like(layer.scales, dtype=torch.bool)
+    groups[::2] = True
+    settings = {"num_iterations": 4, "noise_std": 0.5, "noise_decay": 0.9, "refine_steps": 2}
+
+    result = refine_grid(W, layer, groups=groups, generator=torch.Generator().manual_seed(7), **settings)
+
+    # The same search, called directly on the chosen groups from the grid the layer stores.
+    Wg, hg = grouped_weight(W.float(), layer.group_size)
+    rows = groups.reshape(-1).nonzero().squeeze(1)
+    search = search_grid(
+        Wg[rows], None if hg is None else hg[rows], layer.scales.reshape(-1)[rows], layer.zeros.reshape(-1)[rows],
+        bits=layer.bits, generator=torch.Generator().manual_seed(7), **settings,
+    )  # fmt: skip
+    improved = result.improved.reshape(-1)[rows]
+    assert improved.any()
+    assert torch.equal(result.scale.reshape(-1)[rows][improved], search.scale.half()[improved])
+    assert torch.equal(result.zero.reshape(-1)[rows][improved], search.zero.half()[improved])
 
 
 def test_refine_grid_refuses_a_weight_of_another_shape(checkpoints):
