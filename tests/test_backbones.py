@@ -47,3 +47,26 @@ def test_gnpiq_weight_error_on_real_weights_stays_below_its_floor(minilm, bits, 
     total = sum((w**2).sum() for w in originals.values())
     relative = (squared_error / total).sqrt().item()
     assert relative < floor
+
+
+def test_ismoe_saves_under_a_fifth_of_loras_bytes_for_backward_on_minilm(minilm):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from peft_ismoe import ISMoEConfig
+    from peft_ismoe.memory import saved_for_backward_bytes
+
+    _, tokenizer = minilm
+    path = minilm_path()
+    sentences = ["an utterly charming and hilarious film that reminds us how good movies can be"] * 32
+    batch = tokenizer(sentences, padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    batch["labels"] = torch.zeros(32, dtype=torch.long)
+
+    def saved(config):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        return saved_for_backward_bytes(get_peft_model(model, config), batch)
+
+    lora = saved(LoraConfig(task_type="SEQ_CLS", r=8, target_modules=["query", "key", "value", "dense"]))
+    ismoe = saved(ISMoEConfig(task_type="SEQ_CLS", num_experts=8, top_k=2))
+    assert ismoe < 0.2 * lora

@@ -20,6 +20,10 @@ BAD_VALUES = [
     pytest.param({"top_k": 0}, ValueError, r"`top_k` must be an int >= 1, got 0", id="top-k-zero"),
     pytest.param({"num_experts": 4, "top_k": 5}, ValueError, r"`top_k` must be in 1..num_experts", id="top-k-big"),
     pytest.param({"salient_feature": "pooler"}, ValueError, r"`salient_feature` must be one of .*'pooler'", id="sal"),
+    pytest.param(
+        {"side_attention": "yes"}, TypeError, r"`side_attention` must be a bool or None, got 'yes'", id="attn"
+    ),
+    pytest.param({"side_attention_heads": 0}, ValueError, r"`side_attention_heads` must be an int >= 1", id="heads"),
     pytest.param({"router": "hash"}, ValueError, r"`router` must be one of .*'hash'", id="router"),
     pytest.param({"activation": "tanh"}, ValueError, r"`activation` must be one of", id="activation"),
     pytest.param({"reduction_factor": 0}, ValueError, r"`reduction_factor` must be an int >= 1", id="reduction"),
@@ -48,6 +52,8 @@ def test_defaults_and_peft_type():
     assert config.resolved_salient_feature(causal=False) == "cls"
     assert config.resolved_salient_feature(causal=True) == "token"
     assert ISMoEConfig(salient_feature="mean").resolved_salient_feature(causal=True) == "mean"
+    assert config.resolved_side_attention(causal=False) and not config.resolved_side_attention(causal=True)
+    assert not ISMoEConfig(side_attention=False).resolved_side_attention(causal=False)
 
 
 def test_peft_type_member_behaves_like_the_builtin_ones():

@@ -49,6 +49,17 @@ class ISMoEConfig(PeftConfig):
     activation: Literal["gelu", "relu", "silu"] = field(
         default="gelu", metadata={"help": "Activation inside each expert FFN."}
     )
+    side_attention: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Self-attention over the side tokens in each side block, so the side network can gather "
+            "information across tokens. None: on for stacks that need not be causal (encoders, sequence "
+            "classification), off for causal stacks."
+        },
+    )
+    side_attention_heads: int = field(
+        default=4, metadata={"help": "Heads of the side attention; must divide the side width."}
+    )
     router: Literal["interactive", "side"] = field(
         default="interactive",
         metadata={"help": "'interactive' mixes the backbone-feature prior into routing; 'side' is a plain MoE."},
@@ -129,6 +140,9 @@ class ISMoEConfig(PeftConfig):
         self.layers_to_tap = _check_int_list("layers_to_tap", self.layers_to_tap)
         self.block_stack = _check_str_list("block_stack", self.block_stack)
         self.modules_to_save = _check_str_list("modules_to_save", self.modules_to_save)
+        if self.side_attention is not None and not isinstance(self.side_attention, bool):
+            raise TypeError(f"`side_attention` must be a bool or None, got {self.side_attention!r}.")
+        _check_int("side_attention_heads", self.side_attention_heads, minimum=1)
         for name in ("train_layernorm", "init_from_backbone"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
@@ -155,6 +169,10 @@ class ISMoEConfig(PeftConfig):
         if self.salient_feature is not None:
             return self.salient_feature
         return "token" if causal else "cls"
+
+    def resolved_side_attention(self, causal: bool) -> bool:
+        """Whether one side network attends across tokens: `side_attention`, or on unless its stack is causal."""
+        return (not causal) if self.side_attention is None else self.side_attention
 
     @property
     def is_causal_lm(self) -> bool:

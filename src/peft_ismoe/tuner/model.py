@@ -127,6 +127,11 @@ class ISMoEModel(BaseTuner):
                 "tokens the KV cache no longer recomputes (and, for 'mean', on future tokens); CAUSAL_LM needs "
                 "`salient_feature='token'` (or None)."
             )
+        if config.is_causal_lm and config.side_attention:
+            raise ValueError(
+                "`side_attention=True` is not supported for CAUSAL_LM: the side attention has no key-value cache, so "
+                "generation would not match a full forward. Leave `side_attention=None` (off for causal stacks)."
+            )
         hidden = hidden_size_of(model)
         if hidden % config.reduction_factor != 0:
             raise ValueError(
@@ -181,7 +186,8 @@ class ISMoEModel(BaseTuner):
                 tapped = self._tapped_indices(config, stack)
                 norm_params = self._initial_norm_params(stack, tapped) if config.train_layernorm else None
                 salient = "token" if stack.role == "decoder" else config.resolved_salient_feature(stack.causal)
-                side = SideNetwork(hidden, len(tapped), config, salient, norm_params)
+                attention = config.resolved_side_attention(stack.causal)
+                side = SideNetwork(hidden, len(tapped), config, salient, norm_params, attention)
                 if config.init_from_backbone:
                     initialised = init_side_from_backbone(side, [stack.blocks[i] for i in tapped], hidden)
                     if initialised < len(tapped):

@@ -12,7 +12,7 @@ from torch import nn
 from .config import ISMoEConfig
 from .experts import MoEFeedForward
 
-__all__ = ["SideBlock", "SideNetwork", "salient_features"]
+__all__ = ["SideAttention", "SideBlock", "SideNetwork", "salient_features"]
 
 
 def salient_features(hidden: torch.Tensor, kind: str, mask: torch.Tensor | None) -> torch.Tensor:
@@ -33,15 +33,50 @@ def salient_features(hidden: torch.Tensor, kind: str, mask: torch.Tensor | None)
     raise ValueError(f"`salient_feature` must be one of ('cls', 'mean', 'token'), got {kind!r}.")
 
 
-class SideBlock(nn.Module):
-    """A pre-norm residual block whose feed-forward is a mixture of experts: ``x + MoE(LayerNorm(x))``.
+class SideAttention(nn.Module):
+    """Pre-norm multi-head self-attention over the side tokens: ``x + out(attention(LayerNorm(x)))``.
 
-    It is purely per-token, so a side network made of these blocks is causal for free and needs no cache of its
-    own during generation.
+    Bidirectional, with padding keys masked out. It lets the side state of one token (the ``[CLS]`` a
+    classification head reads, say) gather what the side network computed for the others; without it the side
+    network could only transform each token's own backbone states.
     """
 
-    def __init__(self, width: int, backbone_width: int, config: ISMoEConfig) -> None:
+    def __init__(self, width: int, num_heads: int) -> None:
         super().__init__()
+        if width % num_heads != 0:
+            raise ValueError(
+                f"`side_attention_heads` must divide the side width ({width}), got {num_heads!r}; lower it or "
+                "change `reduction_factor`."
+            )
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``x`` ``[B, S, d]``, bool ``mask`` ``[B, S]`` (true for real tokens) or None."""
+        batch, seq, width = x.shape
+        qkv = self.qkv(self.norm(x)).view(batch, seq, 3, self.num_heads, width // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, S, d / heads]
+        attn_mask = None
+        if mask is not None:
+            # A row of padding only would have no key to attend to (NaN); let it attend to everything instead.
+            keys = mask | ~mask.any(dim=1, keepdim=True)  # [B, S]
+            attn_mask = keys[:, None, None, :]  # [B, 1, 1, S]
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, heads, S, d / heads]
+        return x + self.out(mixed.transpose(1, 2).reshape(batch, seq, width))
+
+
+class SideBlock(nn.Module):
+    """A pre-norm residual block: optional side attention, then a mixture-of-experts FFN, ``x + MoE(LayerNorm(x))``.
+
+    Without attention it is purely per-token, so a side network made of these blocks is causal for free and needs
+    no cache of its own during generation; that is how causal stacks run.
+    """
+
+    def __init__(self, width: int, backbone_width: int, config: ISMoEConfig, attention: bool = False) -> None:
+        super().__init__()
+        self.attention = SideAttention(width, config.side_attention_heads) if attention else None
         self.norm = nn.LayerNorm(width)
         self.moe = MoEFeedForward(
             width,
@@ -60,6 +95,8 @@ class SideBlock(nn.Module):
 
         Returns ``[B, S, d]`` and the balancing loss.
         """
+        if self.attention is not None:
+            x = self.attention(x, mask)
         batch, seq, width = x.shape
         prior = None
         if salient is not None:
@@ -92,6 +129,7 @@ class SideNetwork(nn.Module):
         config: ISMoEConfig,
         salient_feature: str,
         norm_params: dict[str, torch.Tensor] | None = None,
+        attention: bool = False,
     ) -> None:
         super().__init__()
         width = backbone_width // config.reduction_factor
@@ -101,7 +139,7 @@ class SideNetwork(nn.Module):
         self.use_salient = config.router == "interactive"
         self.down = nn.ModuleList(nn.Linear(backbone_width, width) for _ in range(num_taps))
         self.ladder_alpha = nn.Parameter(torch.zeros(num_taps))
-        self.blocks = nn.ModuleList(SideBlock(width, backbone_width, config) for _ in range(num_taps))
+        self.blocks = nn.ModuleList(SideBlock(width, backbone_width, config, attention) for _ in range(num_taps))
         self.norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, backbone_width)
         self.output_gate = nn.Parameter(torch.zeros(backbone_width))
