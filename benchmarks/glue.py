@@ -577,6 +577,8 @@ def write_report(
     levels = chance_levels(data_dir)
     summary = summarise(results)
     methods = [m for m in METHODS if m in summary]
+    # Percentages are of the unmodified float model (a GNP-IQ backbone holds its weights as buffers, not parameters).
+    reference = max((max(summary[m]["total"]) for m in ("full", "bitfit") if m in summary), default=None)
     mib = 2**20
 
     task_heads = {"sst2": "SST-2 acc", "mrpc": "MRPC F1", "rte": "RTE acc", "cola": "CoLA MCC", "stsb": "STS-B r"}
@@ -613,7 +615,7 @@ def write_report(
         trainable = max(entry["trainable"])
         lines.append(
             f"| {METHOD_LABELS[method]} | {planned} | {trainable:,} "
-            f"({100 * trainable / max(entry['total']):.2f}%) | {max(entry['memory']) / mib:.1f} | "
+            f"({100 * trainable / (reference or max(entry['total'])):.2f}%) | {max(entry['memory']) / mib:.1f} | "
             f"{max(entry['rss']) / mib:.0f} | {sum(entry['seconds']) / len(entry['seconds']):.0f} | "
             + " | ".join(cells)
             + f" | {mean} |"
@@ -623,7 +625,7 @@ def write_report(
     )
     lines += [
         "",
-        "Trainable parameters are those of the two-class tasks (STS-B's one-output head has 385 fewer); the mean "
+        "Trainable parameters (and their share of the float model's) are those of the two-class tasks (STS-B's one-output head has 385 fewer); the mean "
         "is over the five tasks and shown only where all five have a result; — is a run not done yet, † a score "
         "from fewer seeds than planned so far.",
         "",
