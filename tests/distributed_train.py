@@ -1,4 +1,4 @@
-"""Train a tiny ISMoE model with Accelerate, under one process or under DDP; run by `test_distributed.py`.
+"""Train a tiny ISMoE model with Accelerate, in one process or on several (DDP or FSDP2); run by `test_distributed.py`.
 
 Run alone (one process, the whole global batch per step) or under a launcher (``--multi_gpu`` starts one process
 per rank through torchrun; on a machine without GPUs they join a gloo group; ``--cpu`` alone would start one)::
@@ -10,8 +10,9 @@ per rank through torchrun; on a machine without GPUs they join a gloo group; ``-
 Both see the same global batches in the same order (no shuffling; Accelerate deals consecutive per-device batches
 to the ranks), so with ``aux_loss_coef=0`` and no dropout they follow the same trajectory up to float rounding. For
 each of ``--modes`` (``find_unused``: DDP's ``find_unused_parameters=True``, what the HF Trainer picks for a
-PeftModel; ``plain``: without it) the main process writes ``OUT_DIR/adapter_{mode}.safetensors`` (the trained side
-network and head), and ``OUT_DIR/usage.json`` holds, per mode and step, every rank's routing-slot counts of the
+PeftModel; ``plain``: without it; ``fsdp``: FSDP2's ``fully_shard`` on the side networks and the trained head,
+see `shard_trainable_parts`) the main process writes ``OUT_DIR/adapter_{mode}.safetensors`` (the trained side
+network and head), and ``OUT_DIR/usage.json`` holds, per DDP mode and step, every rank's routing-slot counts of the
 first side block.
 """
 
@@ -93,12 +94,54 @@ def train(accelerator: Accelerator, per_device_batch: int, steps: int) -> tuple[
     return trained, usage
 
 
+def shard_trainable_parts(model) -> None:
+    """FSDP2 over what trains only: each side network and each trained head copy is sharded across the ranks.
+
+    The frozen (possibly quantized) backbone is left out, so every rank keeps its own full copy and FSDP never
+    gathers it. A side network is called from the backbone's hooks, not through the module that holds it, so each
+    one is wrapped itself: that call is what makes FSDP gather its parameters in time.
+    """
+    from peft.utils.other import ModulesToSaveWrapper
+    from torch.distributed.fsdp import fully_shard
+
+    for sides in model.base_model.ismoe_layer.ismoe_side.values():
+        for side in sides.values():
+            fully_shard(side)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for copy_ in module.modules_to_save.values():
+                fully_shard(copy_)
+
+
+def train_fsdp(accelerator: Accelerator, per_device_batch: int, steps: int) -> dict[str, torch.Tensor]:
+    """As `train`, with the trainable parts under FSDP2 instead of DDP; the trained tensors, gathered."""
+    model = build_model()
+    shard_trainable_parts(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loader = torch.utils.data.DataLoader(Examples(), batch_size=per_device_batch, shuffle=False)
+    loader = accelerator.prepare_data_loader(loader)
+
+    model.train()
+    batches = iter(loader)
+    for _ in range(steps):
+        batch = next(batches)
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    trained = {}
+    for name, p in model.base_model.named_parameters():
+        if p.requires_grad:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p  # a collective: every rank calls it
+            trained[name] = full.detach().clone().contiguous()
+    return trained
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--per-device-batch", type=int, required=True)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--modes", default="find_unused,plain", help="comma-separated: find_unused, plain")
+    parser.add_argument("--modes", default="find_unused,plain,fsdp", help="comma-separated: find_unused, plain, fsdp")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -107,8 +150,10 @@ def main() -> None:
         # One Accelerator per mode: the DDP options are read when the model is prepared.
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=mode == "find_unused")]
         accelerator = Accelerator(cpu=True, kwargs_handlers=handlers)
-        trained, usage = train(accelerator, args.per_device_batch, args.steps)
-        results[mode] = usage
+        if mode == "fsdp":
+            trained = train_fsdp(accelerator, args.per_device_batch, args.steps)
+        else:
+            trained, results[mode] = train(accelerator, args.per_device_batch, args.steps)
         if accelerator.is_main_process:
             args.out.mkdir(parents=True, exist_ok=True)
             save_file(trained, str(args.out / f"adapter_{mode}.safetensors"))

@@ -1,5 +1,6 @@
-"""ISMoE under DistributedDataParallel on the CPU (gloo): two processes end where one process with the same global
-batch ends, whether or not DDP looks for unused parameters, and experts idle on one rank break nothing."""
+"""ISMoE on two CPU processes (gloo): under DDP (with or without its search for unused parameters) and under FSDP2
+(the side network and head sharded, the frozen backbone replicated), two ranks end where one process with the same
+global batch ends, and experts idle on one rank break nothing."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def one_process_run() -> tuple[dict[str, torch.Tensor], list]:
     return train(Accelerator(cpu=True), per_device_batch=GLOBAL_BATCH, steps=STEPS)
 
 
-@pytest.mark.parametrize("mode", ["find_unused", "plain"])
+@pytest.mark.parametrize("mode", ["find_unused", "plain", "fsdp"])
 def test_two_ranks_end_with_the_one_process_adapter(two_rank_run, one_process_run, mode):
     expected, _ = one_process_run
     trained = load_file(str(two_rank_run / f"adapter_{mode}.safetensors"))
