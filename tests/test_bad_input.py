@@ -30,10 +30,10 @@ from peft_ismoe.tuner.finite_loss import NonFiniteLossCallback, NonFiniteLossWar
 
 BERT = BertConfig(
     vocab_size=60,
-    hidden_size=16,
+    hidden_size=32,
     num_hidden_layers=2,
     num_attention_heads=2,
-    intermediate_size=32,
+    intermediate_size=64,
     max_position_embeddings=16,
     num_labels=2,
     hidden_dropout_prob=0.0,
@@ -90,6 +90,8 @@ FIELDS = (
     "aux_loss_coef",
     "ladder_temperature",
     "layers_to_tap",
+    "side_attention",
+    "side_attention_heads",
     "train_layernorm",
     "init_from_backbone",
     "init_seed",
@@ -110,6 +112,8 @@ config_values = st.fixed_dictionaries(
         "aux_loss_coef": numbers,
         "ladder_temperature": numbers,
         "layers_to_tap": st.one_of(st.none(), st.lists(st.integers(-3, 2), max_size=3), st.just("0"), st.just([0.5])),
+        "side_attention": st.sampled_from([True, False, None, 0]),
+        "side_attention_heads": st.one_of(st.integers(-1, 5), st.just(2.0)),
         "train_layernorm": st.one_of(st.booleans(), st.just(1)),
         "init_from_backbone": st.one_of(st.booleans(), st.just("yes")),
         "init_seed": st.one_of(st.none(), st.integers(-1, 3), st.just(1.5)),
@@ -133,7 +137,12 @@ def test_every_config_is_accepted_and_trains_or_refused_naming_its_field(values)
     except ValueError as error:
         # Only the rules that depend on the backbone are left for attach time, and they name their field too.
         named = re.findall(r"`(\w+)`", str(error))
-        assert named and named[0] in ("reduction_factor", "layers_to_tap", "train_layernorm"), str(error)
+        assert named and named[0] in (
+            "reduction_factor",
+            "layers_to_tap",
+            "train_layernorm",
+            "side_attention_heads",
+        ), str(error)
         return
     batch = _batch()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -157,11 +166,11 @@ def saved_adapter(tmp_path_factory):
 
 
 MISFITS = {
-    "hidden-size": (lambda: _bert(hidden_size=32, intermediate_size=64), r"hidden_size: adapter 16, model 32"),
+    "hidden-size": (lambda: _bert(hidden_size=64, intermediate_size=128), r"hidden_size: adapter 32, model 64"),
     "layer-count": (lambda: _bert(num_hidden_layers=3), r"block_stacks: adapter \{'bert.encoder.layer': 2\}"),
     "architecture": (
         lambda: GPT2ForSequenceClassification(
-            GPT2Config(vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=16, num_labels=2, pad_token_id=0)
+            GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=2, n_positions=16, num_labels=2, pad_token_id=0)
         ),
         r"model_type: adapter 'bert', model 'gpt2'",
     ),
