@@ -1,4 +1,4 @@
-"""Train a tiny ISMoE model with Accelerate, in one process or on several (DDP or FSDP2); run by `test_distributed.py`.
+"""Train a tiny ISMoE model in one process or on several (DDP or FSDP2); run by `test_distributed.py`.
 
 Run alone (one process, the whole global batch per step) or under a launcher (``--multi_gpu`` starts one process
 per rank through torchrun; on a machine without GPUs they join a gloo group; ``--cpu`` alone would start one)::
