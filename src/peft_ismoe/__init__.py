@@ -7,6 +7,7 @@ frozen model is stored in few bits (GNP-IQ) and the memory saved pays for a side
 
 from .quantization import GNPIQConfig, GNPIQLinear, GNPIQRequantizeCallback, gnpiq_quantize, quantize_model
 from .tuner import ISMoEConfig, ISMoEModel
+from .planner import MemoryPlan, plan, predict_training_memory
 
 __version__ = "0.1.0"
 
@@ -16,7 +17,10 @@ __all__ = [
     "GNPIQRequantizeCallback",
     "ISMoEConfig",
     "ISMoEModel",
+    "MemoryPlan",
     "__version__",
     "gnpiq_quantize",
+    "plan",
+    "predict_training_memory",
     "quantize_model",
 ]
