@@ -80,6 +80,21 @@ def build(method: str, bits: int | None, experts: int, device: str):
     return model.to(device)
 
 
+def predict(bits: int | None, experts: int) -> dict[str, int]:
+    """The memory planner's prediction for an ISMoE configuration, made on the float backbone before building it."""
+    from transformers import AutoModelForSequenceClassification
+
+    import peft_ismoe
+    from peft_ismoe.backbones import minilm_path
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    gnpiq = None if bits is None else peft_ismoe.GNPIQConfig(bits=bits)
+    ismoe = peft_ismoe.ISMoEConfig(task_type="SEQ_CLS", num_experts=experts, top_k=min(2, experts))
+    predicted, _ = peft_ismoe.predict_training_memory(model, gnpiq, ismoe, BATCH_SIZE, SEQ_LEN)
+    return predicted.to_dict()
+
+
 def run_one(name: str, steps: int, warmup: int, device: str) -> dict:
     """Measure one configuration in this process (called in a fresh subprocess)."""
     from transformers import AutoTokenizer
@@ -88,6 +103,7 @@ def run_one(name: str, steps: int, warmup: int, device: str) -> dict:
     from peft_ismoe.memory import optimizer_state_bytes, peak_rss_bytes, training_memory
 
     method, bits, experts = CONFIGS[name]
+    predicted = predict(bits, experts) if method == "ismoe" else None
     model = build(method, bits, experts, device)
     batch = make_batch(AutoTokenizer.from_pretrained(minilm_path()), device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -130,6 +146,8 @@ def run_one(name: str, steps: int, warmup: int, device: str) -> dict:
         "peak_rss_bytes": peak_rss_bytes(),
         **({} if memory is None else memory.to_dict()),
     }
+    if predicted is not None:
+        result["predicted"] = predicted
     if device == "cuda":
         result["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
     return result
@@ -143,7 +161,8 @@ def format_table(results: dict[str, dict]) -> str:
     lora = results.get("lora")
     header = (
         "| configuration | trainable | saved for backward MiB | weights MiB | grads+optim MiB | total MiB "
-        "| total / LoRA | saved / LoRA | step ms | step / LoRA | step / no-grad forward | peak RSS MiB |"
+        "| total / LoRA | saved / LoRA | step ms | step / LoRA | step / no-grad forward | peak RSS MiB "
+        "| planner's total MiB (/ measured) |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     mib = 2**20
@@ -151,20 +170,8 @@ def format_table(results: dict[str, dict]) -> str:
         floor = results.get({None: "forward_fp32", 8: "forward_gnpiq8", 4: "forward_gnpiq4"}[r["backbone_bits"]])
         step_ms = 1000 * r["median_step_seconds"]
         if r["method"] == "forward":
-            cells = [
-                name,
-                "0",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                f"{step_ms:.0f}",
-                "-",
-                "1.00",
-                f"{r['peak_rss_bytes'] / mib:.0f}",
-            ]
+            rss = f"{r['peak_rss_bytes'] / mib:.0f}"
+            cells = [name, "0", *["-"] * 6, f"{step_ms:.0f}", "-", "1.00", rss, "-"]
         else:
             cells = [
                 name,
@@ -179,6 +186,9 @@ def format_table(results: dict[str, dict]) -> str:
                 _ratio(r, lora, "median_step_seconds"),
                 f"{r['median_step_seconds'] / floor['median_step_seconds']:.2f}" if floor else "-",
                 f"{r['peak_rss_bytes'] / mib:.0f}",
+                f"{r['predicted']['total'] / mib:.1f} ({r['predicted']['total'] / r['total']:.3f})"
+                if "predicted" in r
+                else "-",
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
