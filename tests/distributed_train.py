@@ -63,17 +63,19 @@ class Examples(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
 
 
-def build_model():
+def build_model(aux_loss_coef: float = 0.0):
     torch.manual_seed(0)
     base = BertForSequenceClassification(copy.deepcopy(BERT))
     # Many experts and top-1 over few tokens per rank: some experts get no token on a rank at most steps.
-    config = ISMoEConfig(task_type="SEQ_CLS", num_experts=8, top_k=1, aux_loss_coef=0.0, init_seed=0)
+    config = ISMoEConfig(task_type="SEQ_CLS", num_experts=8, top_k=1, aux_loss_coef=aux_loss_coef, init_seed=0)
     return get_peft_model(base, config)
 
 
-def train(accelerator: Accelerator, per_device_batch: int, steps: int) -> tuple[dict[str, torch.Tensor], list]:
+def train(
+    accelerator: Accelerator, per_device_batch: int, steps: int, aux_loss_coef: float = 0.0
+) -> tuple[dict[str, torch.Tensor], list]:
     """`steps` AdamW steps; the trained tensors and, per step, every rank's routing counts of the first side block."""
-    model = build_model()
+    model = build_model(aux_loss_coef)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loader = torch.utils.data.DataLoader(Examples(), batch_size=per_device_batch, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -141,6 +143,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--per-device-batch", type=int, required=True)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--aux-loss-coef", type=float, default=0.0, help="DDP modes only; the test keeps 0")
     parser.add_argument("--modes", default="find_unused,plain,fsdp", help="comma-separated: find_unused, plain, fsdp")
     args = parser.parse_args()
 
@@ -153,7 +156,7 @@ def main() -> None:
         if mode == "fsdp":
             trained = train_fsdp(accelerator, args.per_device_batch, args.steps)
         else:
-            trained, results[mode] = train(accelerator, args.per_device_batch, args.steps)
+            trained, results[mode] = train(accelerator, args.per_device_batch, args.steps, args.aux_loss_coef)
         if accelerator.is_main_process:
             args.out.mkdir(parents=True, exist_ok=True)
             save_file(trained, str(args.out / f"adapter_{mode}.safetensors"))
