@@ -24,6 +24,8 @@ BAD_VALUES = [
     ({"noise_decay": 0.0}, ValueError, r"`noise_decay` must be a number in \(0, 1\], got 0.0"),
     ({"noise_decay": 1.5}, ValueError, r"`noise_decay` must be a number in \(0, 1\], got 1.5"),
     ({"seed": -1}, ValueError, r"`seed` must be an int >= 0, got -1"),
+    ({"patience": 0}, ValueError, r"`patience` must be an int >= 1, got 0"),
+    ({"tolerance": 1.0}, ValueError, r"`tolerance` must be a number in \[0, 1\), got 1.0"),
     ({"modules_to_not_convert": "lm_head"}, TypeError, r"`modules_to_not_convert` must be a list of module names"),
     ({"quant_method": "hqq"}, ValueError, r"`quant_method` of a GNPIQConfig must be 'gnpiq', got 'hqq'"),
 ]

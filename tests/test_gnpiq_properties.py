@@ -11,7 +11,17 @@ from hypothesis import strategies as st
 from peft_ismoe import GNPIQConfig
 from peft_ismoe.quantization.solver import gnpiq_quantize
 
-FIELDS = ("bits", "group_size", "num_iterations", "noise_std", "noise_decay", "refine_steps", "seed")
+FIELDS = (
+    "bits",
+    "group_size",
+    "num_iterations",
+    "noise_std",
+    "noise_decay",
+    "refine_steps",
+    "patience",
+    "tolerance",
+    "seed",
+)
 
 ints = st.integers(min_value=-3, max_value=130)
 numbers = st.one_of(
@@ -26,6 +36,8 @@ config_values = st.fixed_dictionaries(
         "noise_std": numbers,
         "noise_decay": numbers,
         "refine_steps": st.one_of(st.integers(-2, 3), st.just("1")),
+        "patience": st.one_of(st.integers(-1, 6), st.just(2.0)),
+        "tolerance": st.one_of(st.floats(-0.5, 1.5), st.just(float("nan"))),
         "seed": st.one_of(st.integers(-2, 2**31), st.just(1.0)),
     },
 )
