@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from distributed_train import BERT, train
+from distributed_train import BERT, Examples, build_model, train
 from safetensors.torch import load_file
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -111,3 +111,20 @@ def test_aux_loss_survives_the_pytree_round_trip_ddp_applies_to_outputs():
     assert rebuilt.aux_loss.item() == 1.5 and rebuilt["aux_loss"].item() == 1.5
     assert torch.equal(rebuilt.logits, logits) and list(rebuilt.keys()) == ["loss", "logits", "aux_loss"]
     assert rebuilt.to_tuple()[-1] is rebuilt.aux_loss
+
+
+def test_an_expert_without_tokens_is_a_zero_gradient_slice_of_a_used_parameter():
+    # Why DDP finds no unused parameter: the experts of a block are one stacked tensor, used whenever any expert is.
+    model = build_model()
+    examples = Examples()
+    batch = {
+        key: torch.stack([examples[i][key] for i in range(2)]) for key in ("input_ids", "attention_mask", "labels")
+    }
+    model.train()
+    model(**batch).loss.backward()
+    usage = model.base_model.expert_usage()["backbone.blocks.0"]
+    idle = [e for e, count in enumerate(usage.tolist()) if count == 0]
+    experts = model.base_model.ismoe_layer.ismoe_side["default"]["backbone"].blocks[0].moe.experts
+    assert idle and experts.w_in.grad is not None
+    assert all(torch.count_nonzero(experts.w_in.grad[e]) == 0 for e in idle)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
