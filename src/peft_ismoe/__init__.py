@@ -5,9 +5,9 @@ small side network that reads the model's hidden states, so no gradient flows th
 frozen model is stored in few bits (GNP-IQ) and the memory saved pays for a side network made of experts (ISMoE).
 """
 
-from .quantization import GNPIQConfig, GNPIQLinear, GNPIQRequantizeCallback, gnpiq_quantize, quantize_model
-from .tuner import ISMoEConfig, ISMoEModel
 from .planner import MemoryPlan, plan, predict_training_memory
+from .quantization import GNPIQConfig, GNPIQLinear, GNPIQRequantizeCallback, gnpiq_quantize, quantize_model
+from .tuner import ISMoEConfig, ISMoEModel, NonFiniteLossCallback
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "ISMoEConfig",
     "ISMoEModel",
     "MemoryPlan",
+    "NonFiniteLossCallback",
     "__version__",
     "gnpiq_quantize",
     "plan",

@@ -6,6 +6,7 @@ with PEFT, so ``get_peft_model(model, ISMoEConfig(...))`` and ``PeftModel.from_p
 
 from .config import ISMoEConfig, ISMoEWarning
 from .experts import InteractiveRouter, MoEFeedForward, RouterOutput, StackedExperts, load_balancing_loss
+from .finite_loss import NonFiniteLossCallback
 from .model import ISMoEModel, SideNetworkLayer
 from .registration import ISMOE_PEFT_TYPE, register_ismoe
 from .side import SideBlock, SideNetwork
@@ -19,6 +20,7 @@ __all__ = [
     "ISMoEWarning",
     "InteractiveRouter",
     "MoEFeedForward",
+    "NonFiniteLossCallback",
     "RouterOutput",
     "SideBlock",
     "SideNetwork",
