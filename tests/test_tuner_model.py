@@ -467,3 +467,26 @@ def test_low_cpu_mem_usage_loading_and_load_adapter(tmp_path):
     trainable.set_adapter("again")
     trainable.eval()
     torch.testing.assert_close(_logits(trainable, batch), trained, rtol=0, atol=1e-6)
+
+
+def test_taps_kept_in_bfloat16_halve_their_bytes_and_barely_move_the_gradients():
+    batch = _batch(batch=8, seq=32)
+
+    def run(tap_storage):
+        model = get_peft_model(_bert(), ISMoEConfig(task_type="SEQ_CLS", tap_storage=tap_storage, init_seed=0))
+        with torch.no_grad():  # open the output gate, or no gradient reaches the side network
+            model.get_parameter(_SIDE_GATE).fill_(1.0)
+        saved = _SavedBytes(model).measure(model, batch)
+        model.train()
+        model(**batch).loss.backward()
+        down = model.get_parameter("base_model.ismoe_layer.ismoe_side.default.backbone.down.0.weight")
+        return saved, down.grad.clone()
+
+    full_bytes, full_grad = run("full")
+    half_bytes, half_grad = run("bfloat16")
+    hidden, taps = BERT.hidden_size, BERT.num_hidden_layers
+    # Each tapped [8, 32, hidden] float32 state is kept in two bytes per value instead of four.
+    assert full_bytes - half_bytes == taps * 8 * 32 * hidden * 2
+    assert (half_grad - full_grad).norm() <= 0.01 * full_grad.norm()
+    with pytest.raises(ValueError, match=r"`tap_storage` must be one of \('full', 'bfloat16'\), got 'fp8'"):
+        ISMoEConfig(tap_storage="fp8")

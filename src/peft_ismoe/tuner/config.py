@@ -57,6 +57,13 @@ class ISMoEConfig(PeftConfig):
             "classification), off for causal stacks."
         },
     )
+    tap_storage: Literal["full", "bfloat16"] = field(
+        default="full",
+        metadata={
+            "help": "Precision in which the tapped backbone states are kept for backward: 'full' (their own dtype) "
+            "or 'bfloat16', which halves that memory at a 0.4% rounding of the ladder projections' weight gradients."
+        },
+    )
     side_attention_heads: int = field(
         default=4, metadata={"help": "Heads of the side attention; must divide the side width."}
     )
@@ -143,6 +150,7 @@ class ISMoEConfig(PeftConfig):
         if self.side_attention is not None and not isinstance(self.side_attention, bool):
             raise TypeError(f"`side_attention` must be a bool or None, got {self.side_attention!r}.")
         _check_int("side_attention_heads", self.side_attention_heads, minimum=1)
+        _check_choice("tap_storage", self.tap_storage, ("full", "bfloat16"))
         for name in ("train_layernorm", "init_from_backbone"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")

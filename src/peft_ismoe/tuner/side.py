@@ -24,13 +24,38 @@ def salient_features(hidden: torch.Tensor, kind: str, mask: torch.Tensor | None)
     if kind == "token":
         return hidden
     if kind == "cls":
-        return hidden[:, :1]
+        # A copy, not a view: a view kept for backward would keep the whole [B, S, D] state alive.
+        return hidden[:, :1].clone()
     if kind == "mean":
         if mask is None:
             return hidden.mean(dim=1, keepdim=True)
         weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, S, 1]
         return (hidden * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1)
     raise ValueError(f"`salient_feature` must be one of ('cls', 'mean', 'token'), got {kind!r}.")
+
+
+class _LinearKeepingInputIn16Bit(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` that keeps ``x`` for backward in bfloat16 instead of its own dtype.
+
+    The ladder projections read the tapped backbone states, ``[B, S, D]`` each: those are most of what the side
+    network keeps for backward. Their only use there is the projection's weight gradient, ``grad_y^T x``, which
+    a bfloat16 copy of ``x`` rounds by about 0.4%, as mixed-precision training does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x.to(torch.bfloat16), weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x16, weight = ctx.saved_tensors
+        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        grad_flat = grad_y.reshape(-1, grad_y.shape[-1])  # [B * S, d]
+        grad_weight = grad_flat.T @ x16.reshape(-1, x16.shape[-1]).to(grad_y.dtype)  # [d, D]
+        grad_bias = grad_flat.sum(dim=0) if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias
 
 
 class SideAttention(nn.Module):
@@ -132,6 +157,7 @@ class SideNetwork(nn.Module):
         attention: bool = False,
     ) -> None:
         super().__init__()
+        self.taps_in_bfloat16 = config.tap_storage == "bfloat16"
         width = backbone_width // config.reduction_factor
         self.width = width
         self.salient_feature = salient_feature
@@ -168,7 +194,7 @@ class SideNetwork(nn.Module):
         for i, hidden in enumerate(taps):
             hidden = hidden.to(self.dtype)
             gate = torch.sigmoid(self.ladder_alpha[i] / self.temperature)
-            s = gate * s + (1 - gate) * self.down[i](hidden)
+            s = gate * s + (1 - gate) * self._down(i, hidden)
             salient = salient_features(hidden, self.salient_feature, mask) if self.use_salient else None
             s, aux_loss = self.blocks[i](s, salient, mask)
             aux_losses.append(aux_loss)
@@ -177,6 +203,12 @@ class SideNetwork(nn.Module):
         gate = self.output_gate
         delta = F.linear(self.norm(s), self.up.weight * gate[:, None], self.up.bias * gate)  # [B, S, D]
         return delta.to(taps[0].dtype), torch.stack(aux_losses).mean()
+
+    def _down(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        down = self.down[i]
+        if self.taps_in_bfloat16 and torch.is_grad_enabled() and down.weight.requires_grad:
+            return _LinearKeepingInputIn16Bit.apply(hidden, down.weight, down.bias)
+        return down(hidden)
 
     def expert_usage(self) -> list[torch.Tensor]:
         """The routing-slot counts of each block's experts since the last reset, ``int64 [E]`` per block."""
