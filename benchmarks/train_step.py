@@ -10,7 +10,8 @@ step time over ``--steps`` steps after ``--warmup`` warm-up steps; peak RSS (and
 with ``--device cuda``). The batch is 32 real SST-2 training sentences at 64 tokens.
 
 Configurations: full fine-tuning; LoRA r=8 on query, key, value and dense layers; ISMoE with 1, 4 and 8 experts on
-an fp32 backbone and on GNP-IQ 8-bit and 4-bit backbones; and the floor, a no-grad forward of the backbone alone
+an fp32 backbone and on GNP-IQ 8-bit and 4-bit backbones, and 8 experts on 4 bits with the tapped states kept for
+backward in bfloat16 (``tap_storage="bfloat16"``); and the floor, a no-grad forward of the backbone alone
 (fp32, and GNP-IQ 4-bit for the quantized rows). Ratios are against LoRA and against the floor of the same backbone.
 """
 
@@ -43,7 +44,10 @@ CONFIGS: dict[str, tuple[str, int | None, int]] = {
     **{f"ismoe_fp32_e{e}": ("ismoe", None, e) for e in (1, 4, 8)},
     **{f"ismoe_gnpiq8_e{e}": ("ismoe", 8, e) for e in (1, 4, 8)},
     **{f"ismoe_gnpiq4_e{e}": ("ismoe", 4, e) for e in (1, 4, 8)},
+    "ismoe_gnpiq4_e8_bf16taps": ("ismoe", 4, 8),
 }
+# Configurations that keep the tapped backbone states for backward in bfloat16 (ISMoEConfig.tap_storage).
+BFLOAT16_TAPS = {"ismoe_gnpiq4_e8_bf16taps"}
 
 
 def make_batch(tokenizer, device: str) -> dict[str, torch.Tensor]:
@@ -57,7 +61,15 @@ def make_batch(tokenizer, device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def build(method: str, bits: int | None, experts: int, device: str):
+def ismoe_config(experts: int, tap_storage: str = "full"):
+    import peft_ismoe
+
+    return peft_ismoe.ISMoEConfig(
+        task_type="SEQ_CLS", num_experts=experts, top_k=min(2, experts), tap_storage=tap_storage
+    )
+
+
+def build(method: str, bits: int | None, experts: int, device: str, tap_storage: str = "full"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -72,15 +84,13 @@ def build(method: str, bits: int | None, experts: int, device: str):
         config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"])
         model = get_peft_model(model, config)
     elif method == "ismoe":
-        model = get_peft_model(
-            model, peft_ismoe.ISMoEConfig(task_type="SEQ_CLS", num_experts=experts, top_k=min(2, experts))
-        )
+        model = get_peft_model(model, ismoe_config(experts, tap_storage))
     elif method == "forward":
         model.requires_grad_(False)
     return model.to(device)
 
 
-def predict(bits: int | None, experts: int) -> dict[str, int]:
+def predict(bits: int | None, experts: int, tap_storage: str) -> dict[str, int]:
     """The memory planner's prediction for an ISMoE configuration, made on the float backbone before building it."""
     from transformers import AutoModelForSequenceClassification
 
@@ -90,8 +100,9 @@ def predict(bits: int | None, experts: int) -> dict[str, int]:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     gnpiq = None if bits is None else peft_ismoe.GNPIQConfig(bits=bits)
-    ismoe = peft_ismoe.ISMoEConfig(task_type="SEQ_CLS", num_experts=experts, top_k=min(2, experts))
-    predicted, _ = peft_ismoe.predict_training_memory(model, gnpiq, ismoe, BATCH_SIZE, SEQ_LEN)
+    predicted, _ = peft_ismoe.predict_training_memory(
+        model, gnpiq, ismoe_config(experts, tap_storage), BATCH_SIZE, SEQ_LEN
+    )
     return predicted.to_dict()
 
 
@@ -103,8 +114,9 @@ def run_one(name: str, steps: int, warmup: int, device: str) -> dict:
     from peft_ismoe.memory import optimizer_state_bytes, peak_rss_bytes, training_memory
 
     method, bits, experts = CONFIGS[name]
-    predicted = predict(bits, experts) if method == "ismoe" else None
-    model = build(method, bits, experts, device)
+    tap_storage = "bfloat16" if name in BFLOAT16_TAPS else "full"
+    predicted = predict(bits, experts, tap_storage) if method == "ismoe" else None
+    model = build(method, bits, experts, device, tap_storage)
     batch = make_batch(AutoTokenizer.from_pretrained(minilm_path()), device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
