@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .._validation import check_int, is_real
 from .packing import SUPPORTED_BITS
 
 __all__ = ["DEFAULT_MODULES_TO_NOT_CONVERT", "GNPIQConfig"]
@@ -78,16 +79,16 @@ class GNPIQConfig(QuantizationConfigMixin):
             )
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"`bits` must be one of {SUPPORTED_BITS}, got {self.bits!r}.")
-        _check_int("group_size", self.group_size, minimum=1)
-        _check_int("num_iterations", self.num_iterations, minimum=0)
-        _check_int("refine_steps", self.refine_steps, minimum=0)
-        _check_int("patience", self.patience, minimum=1)
-        if not _is_real(self.tolerance) or not 0 <= self.tolerance < 1:
+        check_int("group_size", self.group_size, minimum=1)
+        check_int("num_iterations", self.num_iterations, minimum=0)
+        check_int("refine_steps", self.refine_steps, minimum=0)
+        check_int("patience", self.patience, minimum=1)
+        if not is_real(self.tolerance) or not 0 <= self.tolerance < 1:
             raise ValueError(f"`tolerance` must be a number in [0, 1), got {self.tolerance!r}.")
-        _check_int("seed", self.seed, minimum=0)
-        if not _is_real(self.noise_std) or not math.isfinite(self.noise_std) or self.noise_std < 0:
+        check_int("seed", self.seed, minimum=0)
+        if not is_real(self.noise_std) or not math.isfinite(self.noise_std) or self.noise_std < 0:
             raise ValueError(f"`noise_std` must be a finite number >= 0, got {self.noise_std!r}.")
-        if not _is_real(self.noise_decay) or not 0 < self.noise_decay <= 1:
+        if not is_real(self.noise_decay) or not 0 < self.noise_decay <= 1:
             raise ValueError(f"`noise_decay` must be a number in (0, 1], got {self.noise_decay!r}.")
         if self.modules_to_not_convert is not None:
             if isinstance(self.modules_to_not_convert, str) or not all(
@@ -123,14 +124,3 @@ class GNPIQConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int >= {minimum}, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from .._validation import check_int, is_real
 from .registration import ISMOE_PEFT_TYPE
 from .safety import LOADED_FROM_ATTRIBUTE, check_adapter_folder
 
@@ -128,17 +129,17 @@ class ISMoEConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ISMOE_PEFT_TYPE
-        _check_int("num_experts", self.num_experts, minimum=1)
-        _check_int("top_k", self.top_k, minimum=1)
+        check_int("num_experts", self.num_experts, minimum=1)
+        check_int("top_k", self.top_k, minimum=1)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"`top_k` must be in 1..num_experts (num_experts={self.num_experts}), got {self.top_k!r}; "
                 "lower `top_k` or raise `num_experts`."
             )
-        _check_int("reduction_factor", self.reduction_factor, minimum=1)
+        check_int("reduction_factor", self.reduction_factor, minimum=1)
         _check_positive("expert_ratio", self.expert_ratio)
         _check_positive("ladder_temperature", self.ladder_temperature)
-        if not _is_real(self.aux_loss_coef) or not math.isfinite(self.aux_loss_coef) or self.aux_loss_coef < 0:
+        if not is_real(self.aux_loss_coef) or not math.isfinite(self.aux_loss_coef) or self.aux_loss_coef < 0:
             raise ValueError(f"`aux_loss_coef` must be a finite number >= 0, got {self.aux_loss_coef!r}.")
         _check_choice("activation", self.activation, ACTIVATION_CHOICES)
         _check_choice("router", self.router, ROUTER_CHOICES)
@@ -149,13 +150,13 @@ class ISMoEConfig(PeftConfig):
         self.modules_to_save = _check_str_list("modules_to_save", self.modules_to_save)
         if self.side_attention is not None and not isinstance(self.side_attention, bool):
             raise TypeError(f"`side_attention` must be a bool or None, got {self.side_attention!r}.")
-        _check_int("side_attention_heads", self.side_attention_heads, minimum=1)
+        check_int("side_attention_heads", self.side_attention_heads, minimum=1)
         _check_choice("tap_storage", self.tap_storage, ("full", "bfloat16"))
         for name in ("train_layernorm", "init_from_backbone"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if self.init_seed is not None:
-            _check_int("init_seed", self.init_seed, minimum=0)
+            check_int("init_seed", self.init_seed, minimum=0)
         if self.base_model_fingerprint is not None and not isinstance(self.base_model_fingerprint, dict):
             raise TypeError(f"`base_model_fingerprint` must be a dict or None, got {self.base_model_fingerprint!r}.")
 
@@ -187,19 +188,8 @@ class ISMoEConfig(PeftConfig):
         return str(self.task_type) in ("CAUSAL_LM", "TaskType.CAUSAL_LM")
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int >= {minimum}, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-
-
 def _check_positive(name: str, value: Any) -> None:
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
 
 
