@@ -99,6 +99,20 @@ def test_pickle_file_in_place_of_the_adapter_is_refused_unopened(tmp_path, no_un
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
 
 
+def test_reloading_an_existing_adapter_name_from_a_pickle_is_refused_too(tmp_path, no_unpickling):
+    # The route the Trainer takes when it resumes: load_adapter for a name the model already has skips the config.
+    model = _trained_adapter(tmp_path)
+    with open(tmp_path / "adapter_model.bin", "wb") as handle:
+        pickle.dump({name: p.detach() for name, p in model.named_parameters() if p.requires_grad}, handle)
+    (tmp_path / "adapter_model.safetensors").unlink()
+
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"adapter_model\.bin.*pickle.*safetensors only"):
+        model.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
+    after = _state(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_a_pickle_file_next_to_the_safetensors_file_is_never_read(tmp_path, no_unpickling):
     _trained_adapter(tmp_path)
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04 not even a valid pickle")

@@ -9,9 +9,11 @@ from .experts import InteractiveRouter, MoEFeedForward, RouterOutput, StackedExp
 from .finite_loss import NonFiniteLossCallback
 from .model import ISMoEModel, SideNetworkLayer
 from .registration import ISMOE_PEFT_TYPE, register_ismoe
+from .safety import guard_peft_weight_loading
 from .side import SideBlock, SideNetwork
 
 register_ismoe(ISMoEConfig, ISMoEModel)
+guard_peft_weight_loading()
 
 __all__ = [
     "ISMOE_PEFT_TYPE",

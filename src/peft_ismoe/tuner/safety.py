@@ -9,12 +9,16 @@ leaves the model in memory as it was:
 * `check_adapter_folder`: the folder holds ``adapter_model.safetensors`` (a pickle ``adapter_model.bin`` in its
   place is refused, never opened), and that file is a complete safetensors file with finite float tensors; a
   truncated or corrupted file is named in the error.
+* `guard_peft_weight_loading`: the same folder check on PEFT's weight reading itself, for the routes that skip the
+  config (``load_adapter`` of an adapter name the model already has, as the Trainer does when it resumes).
 * `check_base_fits`: the backbone the adapter was saved from (its `base_model_fingerprint`: model type, hidden
   size, block stacks and their lengths) is the backbone it is being attached to.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 from typing import Any
@@ -30,6 +34,7 @@ __all__ = [
     "base_fingerprint",
     "check_adapter_folder",
     "check_base_fits",
+    "guard_peft_weight_loading",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,3 +115,41 @@ def check_base_fits(config: Any, model: nn.Module, stacks: list[Any], hidden_siz
                 f"{type(model).__name__} ({'; '.join(differences)}); load it onto the model it was saved from."
             )
     config.base_model_fingerprint = current
+
+
+def _is_ismoe_folder(path: str) -> bool:
+    config_file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config_file):
+        return False
+    try:
+        with open(config_file, encoding="utf-8") as handle:
+            return json.load(handle).get("peft_type") == "ISMOE"
+    except (OSError, ValueError):
+        return False
+
+
+def guard_peft_weight_loading() -> None:
+    """Make PEFT's weight reading refuse pickle files for ISMoE adapters on every route, not only the first load.
+
+    `ISMoEConfig.from_pretrained` checks a folder before PEFT builds the adapter, but ``PeftModel.load_adapter`` for
+    an adapter name the model already has (the route the Trainer takes when it resumes from a checkpoint) skips
+    the config and goes straight to `peft.peft_model.load_peft_weights`, which would ``torch.load`` an
+    ``adapter_model.bin``. This wraps that function so that a local ISMoE folder passes `check_adapter_folder`
+    first; other adapters are read as PEFT always reads them. Calling it again does nothing.
+    """
+    import peft.peft_model
+
+    original = peft.peft_model.load_peft_weights
+    if getattr(original, "_ismoe_guarded", False):
+        return
+
+    @functools.wraps(original)
+    def load_peft_weights(model_id, *args, **kwargs):
+        subfolder = kwargs.get("subfolder")
+        path = os.path.join(model_id, subfolder) if subfolder else os.fspath(model_id)
+        if os.path.isdir(path) and _is_ismoe_folder(path):
+            check_adapter_folder(path)
+        return original(model_id, *args, **kwargs)
+
+    load_peft_weights._ismoe_guarded = True
+    peft.peft_model.load_peft_weights = load_peft_weights
