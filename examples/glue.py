@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from transformers import (
 )
 
 import peft_ismoe
+from peft_ismoe.backbones import minilm_path
 from peft_ismoe.data import GLUE_TASKS, get_glue_task, glue_metrics, load_glue, predictions_from_logits
 
 DEFAULT_DATA_DIR = Path(os.environ.get("GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
@@ -54,18 +54,18 @@ def add_config_flags(
 ) -> list[str]:
     """One flag per simple field of a config dataclass (its help text from the field's metadata)."""
     group = parser.add_argument_group(config_cls.__name__)
-    hints = typing.get_type_hints(config_cls)
     names = []
     for field in dataclasses.fields(config_cls):
-        hint = str(hints.get(field.name))
         if field.name in _NOT_FLAGS or field.name in skip or field.name.startswith("_") or not field.init:
             continue
         default = field.default if field.default is not dataclasses.MISSING else None
-        kind = next((t for t in (bool, int, float, str) if t.__name__ in hint.split("|")[0]), None)
-        if "list" in hint or "dict" in hint or kind is None:
-            kind = json.loads  # lists and mappings are given as JSON
-        if kind is bool:
+        # The default tells the type; fields whose default is None or a list take JSON ("3", "null", '["a"]').
+        if isinstance(default, bool):
             kind = lambda text: text.lower() in ("1", "true", "yes")  # noqa: E731
+        elif isinstance(default, (int, float, str)):
+            kind = type(default)
+        else:
+            kind = json.loads
         flag = "--" + (prefix + field.name).replace("_", "-")
         group.add_argument(flag, dest=prefix + field.name, type=kind, default=default, help=field.metadata.get("help"))
         names.append(field.name)
@@ -99,7 +99,7 @@ def main() -> None:
     random.Random(args.seed).shuffle(order)
     train = train.select(order[: args.max_train])
 
-    model_path = args.model_path or str(peft_ismoe.backbones.minilm_path())
+    model_path = args.model_path or str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     def encode(split) -> list[dict]:
@@ -119,7 +119,10 @@ def main() -> None:
     model.print_trainable_parameters()
 
     def compute_metrics(prediction) -> dict[str, float]:
-        return glue_metrics(task, predictions_from_logits(prediction.predictions, task), prediction.label_ids)
+        # The model's output carries `aux_loss` beside the logits, so the Trainer hands over a tuple.
+        logits = prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return glue_metrics(task, predictions_from_logits(logits, task), prediction.label_ids)
 
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / "trainer"),
