@@ -54,15 +54,9 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
 
-    def encode(split) -> list[dict]:
-        encoded = tokenizer(*split.texts(), truncation=True, max_length=64)
-        return [
-            {**{key: encoded[key][i] for key in encoded.keys()}, "labels": split.labels[i]} for i in range(len(split))
-        ]
-
     collator = DataCollatorWithPadding(tokenizer)
-    train_loader = DataLoader(encode(train), batch_size=args.batch_size, shuffle=True, collate_fn=collator)
-    dev_loader = DataLoader(encode(dev), batch_size=128, collate_fn=collator)
+    train_loader = DataLoader(train.tokenize(tokenizer), batch_size=args.batch_size, shuffle=True, collate_fn=collator)
+    dev_loader = DataLoader(dev.tokenize(tokenizer), batch_size=128, collate_fn=collator)
 
     base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=task.num_labels)
     peft_ismoe.quantize_model(base, peft_ismoe.GNPIQConfig(bits=args.bits), progress_bar=accelerator.is_main_process)

@@ -102,12 +102,6 @@ def main() -> None:
     model_path = args.model_path or str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
-    def encode(split) -> list[dict]:
-        encoded = tokenizer(*split.texts(), truncation=True, max_length=args.max_length)
-        return [
-            {**{key: encoded[key][i] for key in encoded.keys()}, "labels": split.labels[i]} for i in range(len(split))
-        ]
-
     gnpiq = peft_ismoe.GNPIQConfig(
         bits=args.bits or 8, **{name: getattr(args, "gnpiq_" + name) for name in gnpiq_fields}
     )
@@ -142,8 +136,8 @@ def main() -> None:
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=encode(train),
-        eval_dataset=encode(dev),
+        train_dataset=train.tokenize(tokenizer, args.max_length),
+        eval_dataset=dev.tokenize(tokenizer, args.max_length),
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
     )

@@ -42,11 +42,6 @@ DEFAULT_DATA_DIR = Path(os.environ.get("GLUE_DIR", Path(__file__).resolve().pare
 MAX_LENGTH = 64
 
 
-def encode(split, tokenizer) -> list[dict]:
-    encoded = tokenizer(*split.texts(), truncation=True, max_length=MAX_LENGTH)
-    return [{"input_ids": ids, "labels": label} for ids, label in zip(encoded["input_ids"], split.labels, strict=True)]
-
-
 def quantized_backbone() -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(
         minilm_path(), num_labels=2, quantization_config=peft_ismoe.GNPIQConfig(bits=8)
@@ -85,7 +80,7 @@ def main() -> None:
     random.Random(args.seed).shuffle(indices)
     train = train.select(indices[: args.train_examples])
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    train_features, dev_features = encode(train, tokenizer), encode(dev, tokenizer)
+    train_features, dev_features = train.tokenize(tokenizer, MAX_LENGTH), dev.tokenize(tokenizer, MAX_LENGTH)
 
     # The model: an 8-bit GNP-IQ backbone with an ISMoE side network.
     ismoe = peft_ismoe.ISMoEConfig(

@@ -201,3 +201,17 @@ def test_without_a_local_copy_or_datasets_the_error_says_what_to_install(monkeyp
 
     with pytest.raises(ImportError, match=r"needs the `datasets` package .* or pass `data_dir`"):
         load_glue("cola", "train")
+
+
+def test_a_split_tokenizes_into_trainer_features():
+    from transformers import AutoTokenizer
+
+    from peft_ismoe.backbones import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    split = load_glue("mrpc", "dev", GLUE_DIR).select([0, 1, 2])
+    features = split.tokenize(tokenizer, max_length=12)
+    assert [f["labels"] for f in features] == split.labels
+    assert all(len(f["input_ids"]) == len(f["attention_mask"]) <= 12 for f in features)
+    # A pair task puts both sentences in one sequence, separated by [SEP].
+    assert features[0]["input_ids"].count(tokenizer.sep_token_id) == 2

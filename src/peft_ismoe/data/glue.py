@@ -154,6 +154,17 @@ class GlueSplit:
             labels=[self.labels[i] for i in indices],
         )
 
+    def tokenize(self, tokenizer, max_length: int = 64) -> list[dict]:
+        """One feature dict per example: the tokenizer's fields (unpadded, truncated to `max_length`) and ``labels``.
+
+        The list feeds a ``Trainer`` or a ``DataLoader`` with ``DataCollatorWithPadding`` directly.
+        """
+        encoded = tokenizer(*self.texts(), truncation=True, max_length=max_length)
+        return [
+            {**{key: encoded[key][i] for key in encoded.keys()}, "labels": label}
+            for i, label in enumerate(self.labels)
+        ]
+
     def texts(self) -> tuple[list[str]] | tuple[list[str], list[str]]:
         """The positional text arguments of a tokenizer call: ``tokenizer(*split.texts())``."""
         return (self.sentence1,) if self.sentence2 is None else (self.sentence1, self.sentence2)
