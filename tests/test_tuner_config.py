@@ -49,6 +49,7 @@ def test_defaults_and_peft_type():
     config = ISMoEConfig(task_type="SEQ_CLS")
     assert config.peft_type == PeftType.ISMOE == "ISMOE"
     assert (config.num_experts, config.top_k, config.reduction_factor) == (8, 2, 8)
+    assert ISMoEConfig(num_experts=1).top_k == 1  # the default top-2 shrinks to what one expert allows
     assert config.resolved_salient_feature(causal=False) == "cls"
     assert config.resolved_salient_feature(causal=True) == "token"
     assert ISMoEConfig(salient_feature="mean").resolved_salient_feature(causal=True) == "mean"

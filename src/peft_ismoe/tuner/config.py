@@ -40,7 +40,10 @@ class ISMoEConfig(PeftConfig):
     """
 
     num_experts: int = field(default=8, metadata={"help": "Expert FFNs per side block; 1 gives a dense side FFN."})
-    top_k: int = field(default=2, metadata={"help": "Experts each token is routed to, in 1..num_experts."})
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "Experts each token is routed to, in 1..num_experts; None: 2, or 1 with a single expert."},
+    )
     reduction_factor: int = field(
         default=8, metadata={"help": "Side width = backbone hidden size / reduction_factor; must divide it."}
     )
@@ -130,6 +133,8 @@ class ISMoEConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = ISMOE_PEFT_TYPE
         check_int("num_experts", self.num_experts, minimum=1)
+        if self.top_k is None:
+            self.top_k = min(2, self.num_experts)
         check_int("top_k", self.top_k, minimum=1)
         if self.top_k > self.num_experts:
             raise ValueError(
