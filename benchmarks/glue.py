@@ -213,40 +213,25 @@ def _tensor_bytes(tensors) -> int:
 
 
 def measure_saved_and_gradients(model, batch) -> dict[str, int]:
-    """Bytes autograd saves for backward on `batch`, and the gradient bytes its backward pass leaves.
-
-    Storages that belong to a parameter or buffer (a frozen weight saved for the input's gradient) are already
-    counted among the weights and are left out here. The gradients are cleared afterwards, no step is taken.
+    """Bytes autograd saves for backward on `batch` (`peft_ismoe.memory.SavedTensorCounter`: storages of the
+    model's own parameters and buffers left out), and the gradient bytes its backward pass leaves. The gradients
+    are cleared afterwards, no step is taken.
     """
-    import torch
-
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
-            return tensor
-        if storage.data_ptr() not in owned:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+    from peft_ismoe.memory import SavedTensorCounter
 
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedTensorCounter(exclude=[*model.parameters(), *model.buffers()]) as counter:
         loss = model(**batch).loss
     loss.backward()
     gradient_bytes = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
-    return {"saved_for_backward_bytes": sum(saved.values()), "gradient_bytes": gradient_bytes}
+    return {"saved_for_backward_bytes": counter.nbytes, "gradient_bytes": gradient_bytes}
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    import torch
+    from peft_ismoe.memory import optimizer_state_bytes as count
 
-    return _tensor_bytes(
-        value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)
-    )
+    return count(optimizer)
 
 
 def evaluate(model, features: list[dict], tokenizer, device, task, batch_size: int = 128) -> dict[str, float]:
