@@ -67,18 +67,49 @@ DEFAULT_REPORT = REPO_ROOT / "docs" / "results.md"
 DEFAULT_FIGURE = REPO_ROOT / "docs" / "figures" / "glue_score_vs_memory.png"
 
 TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
-METHODS = ("lora", "full", "bitfit", "lst", "ismoe_fp32", "mpismoe_8bit", "mpismoe_4bit", "mpismoe_8bit_requant")
-ISMOE_METHODS = ("lst", "ismoe_fp32", "mpismoe_8bit", "mpismoe_4bit", "mpismoe_8bit_requant")
-LEARNING_RATES = {
-    "full": 5e-5,
-    "lora": 1e-3,
-    "bitfit": 1e-3,
-    "lst": 2e-3,
-    "ismoe_fp32": 2e-3,
-    "mpismoe_8bit": 2e-3,
-    "mpismoe_4bit": 2e-3,
-    "mpismoe_8bit_requant": 2e-3,
+
+
+@dataclass(frozen=True)
+class SideRecipe:
+    """How an ISMoE method builds its backbone and side network (the `ISMoEConfig` fields not listed keep their
+    defaults)."""
+
+    bits: int | None = None  # GNP-IQ bit width of the backbone; None keeps it in float
+    num_iterations: int = 12  # GNP-IQ search length; 0 is plain min-max round-to-nearest
+    num_experts: int = 8
+    router: str = "interactive"
+    aux_loss_coef: float = 0.01
+
+
+SIDE_RECIPES = {
+    "lst": SideRecipe(num_experts=1, router="side"),
+    "ismoe_fp32": SideRecipe(),
+    "mpismoe_8bit": SideRecipe(bits=8),
+    "mpismoe_4bit": SideRecipe(bits=4),
+    "mpismoe_8bit_requant": SideRecipe(bits=8),
+    # Ablations: MP-ISMoE 8-bit (or 4-bit) with one thing changed, run on ABLATION_TASKS only.
+    "ablation_side_router": SideRecipe(bits=8, router="side"),
+    "ablation_rtn_4bit": SideRecipe(bits=4, num_iterations=0),
+    "ablation_1_expert": SideRecipe(bits=8, num_experts=1),
+    "ablation_4_experts": SideRecipe(bits=8, num_experts=4),
+    "ablation_16_experts": SideRecipe(bits=8, num_experts=16),
+    "ablation_no_balance": SideRecipe(bits=8, aux_loss_coef=0.0),
 }
+MAIN_METHODS = ("lora", "full", "bitfit", "lst", "ismoe_fp32", "mpismoe_8bit", "mpismoe_4bit", "mpismoe_8bit_requant")
+ABLATIONS = tuple(name for name in SIDE_RECIPES if name.startswith("ablation_"))
+METHODS = MAIN_METHODS + ABLATIONS
+ISMOE_METHODS = tuple(SIDE_RECIPES)
+ABLATION_TASKS = ("sst2", "stsb")
+# What each ablation changes, and the method it is compared against.
+ABLATION_BASELINES = {
+    "ablation_side_router": ("mpismoe_8bit", "plain router (reads the side stream only) instead of the interactive one"),
+    "ablation_rtn_4bit": ("mpismoe_4bit", "4-bit round-to-nearest backbone instead of 4-bit GNP-IQ"),
+    "ablation_1_expert": ("mpismoe_8bit", "1 expert instead of 8"),
+    "ablation_4_experts": ("mpismoe_8bit", "4 experts instead of 8"),
+    "ablation_16_experts": ("mpismoe_8bit", "16 experts instead of 8"),
+    "ablation_no_balance": ("mpismoe_8bit", "balancing loss off (coefficient 0 instead of 0.01)"),
+}
+LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "bitfit": 1e-3} | {name: 2e-3 for name in SIDE_RECIPES}
 NUM_SEEDS = {"lora": 3, "lst": 3, "mpismoe_8bit": 3}  # every other method: 1
 METHOD_LABELS = {
     "full": "Full fine-tuning",
@@ -89,6 +120,12 @@ METHOD_LABELS = {
     "mpismoe_8bit": "MP-ISMoE, 8-bit GNP-IQ backbone",
     "mpismoe_4bit": "MP-ISMoE, 4-bit GNP-IQ backbone",
     "mpismoe_8bit_requant": "MP-ISMoE 8-bit, GNP-IQ search repeated each epoch",
+    "ablation_side_router": "MP-ISMoE 8-bit, plain side router",
+    "ablation_rtn_4bit": "MP-ISMoE 4-bit, round-to-nearest backbone",
+    "ablation_1_expert": "MP-ISMoE 8-bit, 1 expert",
+    "ablation_4_experts": "MP-ISMoE 8-bit, 4 experts",
+    "ablation_16_experts": "MP-ISMoE 8-bit, 16 experts",
+    "ablation_no_balance": "MP-ISMoE 8-bit, no balancing loss",
 }
 LORA_TARGETS = ["query", "key", "value", "dense"]
 
@@ -156,14 +193,25 @@ def build_model(method: str, num_labels: int):
 
     if method not in ISMOE_METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    if method.startswith("mpismoe_"):
-        bits = int(method.removeprefix("mpismoe_").removesuffix("_requant").removesuffix("bit"))
-        model = peft_ismoe.quantize_model(model, peft_ismoe.GNPIQConfig(bits=bits), progress_bar=False)
-    if method == "lst":
-        config = peft_ismoe.ISMoEConfig(task_type="SEQ_CLS", num_experts=1, top_k=1, router="side")
-    else:
-        config = peft_ismoe.ISMoEConfig(task_type="SEQ_CLS", num_experts=8, top_k=2, router="interactive")
-    return peft.get_peft_model(model, config)
+    recipe = SIDE_RECIPES[method]
+    if recipe.bits is not None:
+        gnpiq = peft_ismoe.GNPIQConfig(bits=recipe.bits, num_iterations=recipe.num_iterations)
+        model = peft_ismoe.quantize_model(model, gnpiq, progress_bar=False)
+    return peft.get_peft_model(model, side_config(method))
+
+
+def side_config(method: str):
+    """The `ISMoEConfig` of an ISMoE method."""
+    import peft_ismoe
+
+    recipe = SIDE_RECIPES[method]
+    return peft_ismoe.ISMoEConfig(
+        task_type="SEQ_CLS",
+        num_experts=recipe.num_experts,
+        top_k=min(2, recipe.num_experts),
+        router=recipe.router,
+        aux_loss_coef=recipe.aux_loss_coef,
+    )
 
 
 def tokenize(split, tokenizer, max_length: int) -> list[dict]:
@@ -309,7 +357,8 @@ def run_one(method: str, task_name: str, seed: int, budget: Budget, args: argpar
     weight_bytes = _tensor_bytes([*model.parameters(), *model.buffers()])
     logger.info("%s on %s, seed %d: %s trainable of %s parameters", method, task.name, seed, num_trainable, num_total)
 
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATES[method], weight_decay=budget.weight_decay)
+    learning_rate = args.learning_rate or LEARNING_RATES[method]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=budget.weight_decay)
     steps_per_epoch = math.ceil(len(train_features) / budget.batch_size)
     total_steps = steps_per_epoch * budget.epochs
     warmup = max(1, round(budget.warmup_fraction * total_steps))
@@ -360,9 +409,16 @@ def run_one(method: str, task_name: str, seed: int, budget: Budget, args: argpar
             logger.info("GNP-IQ search repeated: weight error %.6g -> %.6g", round_.error_before, round_.error_after)
     train_seconds = time.perf_counter() - train_started
 
+    # Expert usage is counted over the dev pass: which experts the trained router picks on unseen text.
+    tuner = getattr(model, "base_model", None)
+    if hasattr(tuner, "reset_expert_usage"):
+        tuner.reset_expert_usage()
     eval_started = time.perf_counter()
     metrics = evaluate(model, dev_features, tokenizer, device, task)
     eval_seconds = time.perf_counter() - eval_started
+    expert_usage = None
+    if hasattr(tuner, "expert_usage"):
+        expert_usage = {name: counts.tolist() for name, counts in tuner.expert_usage().items()}
 
     memory["weight_bytes"] = weight_bytes
     memory["total_bytes"] = (
@@ -388,7 +444,8 @@ def run_one(method: str, task_name: str, seed: int, budget: Budget, args: argpar
             "eval": eval_seconds,
             "total": time.perf_counter() - started,
         },
-        "learning_rate": LEARNING_RATES[method],
+        "learning_rate": learning_rate,
+        "expert_usage": expert_usage,
         "budget": asdict(budget) | {"train_examples": len(train_features), "steps": total_steps},
         "train_loss_curve": [float(np.mean(losses[i : i + chunk])) for i in range(0, len(losses), chunk)],
         "device": str(device),
@@ -422,6 +479,7 @@ def single_run_argv(method: str, task: str, seed: int, args: argparse.Namespace)
         "--max-train", str(args.max_train),
         "--data-dir", str(args.data_dir),
         "--results-dir", str(args.results_dir),
+        *(["--learning-rate", str(args.learning_rate)] if args.learning_rate else []),
         "--command", args.command,
     ]  # fmt: skip
 
@@ -430,7 +488,8 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     runs = []
     for method in args.methods:
         seeds = args.seeds if args.seeds is not None else list(range(NUM_SEEDS.get(method, 1)))
-        for task in args.tasks:
+        tasks = [t for t in args.tasks if t in ABLATION_TASKS] if method in ABLATIONS else args.tasks
+        for task in tasks:
             runs.extend((method, task, seed) for seed in seeds)
     return runs
 
@@ -712,6 +771,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-train", type=int, default=Budget.max_train, help="Training examples at most.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default all cores).")
+    parser.add_argument(
+        "--learning-rate", type=float, default=None,
+        help="Override the method's learning rate (for sweeps; give them their own --results-dir).",
+    )  # fmt: skip
     parser.add_argument("--redo", action="store_true", help="Run again even where a result file exists.")
     parser.add_argument("--report", action="store_true", help="Only assemble docs/results.md and the plot.")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="Folder of the GLUE TSV files.")
@@ -725,6 +788,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.max_train < 1:
         parser.error(f"--max-train must be a positive integer, got {args.max_train!r}")
+    if args.learning_rate is not None and not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        parser.error(f"--learning-rate must be a positive number, got {args.learning_rate!r}")
     if args.threads < 1:
         parser.error(f"--threads must be a positive integer, got {args.threads!r}")
     if args.results_dir is None:
