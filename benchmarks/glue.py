@@ -621,7 +621,12 @@ def _display_path(path: Path) -> str:
 
 
 def write_report(
-    results: list[dict], data_dir: Path, report_path: Path, figure_path: Path, results_dir: Path = DEFAULT_RESULTS_DIR
+    results: list[dict],
+    data_dir: Path,
+    report_path: Path,
+    figure_path: Path,
+    results_dir: Path = DEFAULT_RESULTS_DIR,
+    planner_check: bool = True,
 ) -> str:
     if not results:
         raise ValueError(f"No result files to report on; run the benchmark first (looked in {results_dir}).")
@@ -634,7 +639,7 @@ def write_report(
     devices = sorted({r["device"] for r in results})
     levels = chance_levels(data_dir)
     summary = summarise(results)
-    methods = [m for m in METHODS if m in summary]
+    methods = [m for m in MAIN_METHODS if m in summary]
     # Percentages are of the unmodified float model (a GNP-IQ backbone holds its weights as buffers, not parameters).
     reference = max((max(summary[m]["total"]) for m in ("full", "bitfit") if m in summary), default=None)
     mib = 2**20
@@ -699,11 +704,173 @@ def write_report(
     lines += ["Learning rates (fixed, not tuned on dev):", ""]
     lines += [f"- {METHOD_LABELS[m]}: {LEARNING_RATES[m]:g}" for m in methods]
     lines += ["", f"![score against training memory]({os.path.relpath(figure_path, report_path.parent)})", ""]
+    lines += target_lines(summary)
+    lines += ablation_lines(summary)
+    usage_path = figure_path.with_name("glue_expert_usage.png")
+    if plot_expert_usage(results, usage_path):
+        lines += [
+            "## Expert usage",
+            "",
+            "Share of routing slots each expert received on the dev set after training, per side block (seed 0). "
+            "An even split is 1/E per expert; the balancing loss is what keeps it near that.",
+            "",
+            f"![expert usage]({os.path.relpath(usage_path, report_path.parent)})",
+            "",
+        ]
+    if planner_check:
+        lines += planner_lines(summary, results)
 
     plot_score_vs_memory(summary, methods, figure_path, levels)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text("\n".join(lines))
     return "\n".join(lines)
+
+
+def _five_task_mean(entry: dict) -> float | None:
+    if not all(entry["scores"].get(t) for t in TASKS):
+        return None
+    return sum(_mean_std(entry["scores"][t])[0] for t in TASKS) / len(TASKS)
+
+
+def target_lines(summary: dict[str, dict]) -> list[str]:
+    """The targets on the five-task mean, each with the measured figure, once the methods they compare are in."""
+    means = {m: _five_task_mean(summary[m]) for m in ("lora", "lst", "mpismoe_8bit", "mpismoe_4bit") if m in summary}
+    if means.get("mpismoe_8bit") is None:
+        return []
+    ours = means["mpismoe_8bit"]
+    rows = []
+    if means.get("lora") is not None:
+        rows.append(("within 0.3 points of LoRA", f"{ours - means['lora']:+.1f} points", ours >= means["lora"] - 0.3))
+        ratio = max(summary["mpismoe_8bit"]["memory"]) / max(summary["lora"]["memory"])
+        rows.append(("at most 0.25x LoRA's training memory", f"{ratio:.3f}x", ratio <= 0.25))
+    if means.get("lst") is not None:
+        rows.append(("at least 1.0 point above LST-like", f"{ours - means['lst']:+.1f} points", ours >= means["lst"] + 1.0))
+    if means.get("mpismoe_4bit") is not None:
+        gap = means["mpismoe_4bit"] - ours
+        rows.append(("4-bit within 0.5 points of 8-bit", f"{gap:+.1f} points", gap >= -0.5))
+    lines = [
+        "## Targets",
+        "",
+        "MP-ISMoE 8-bit against its peers, on the five-task mean (seed means first).",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in rows]
+    return [*lines, ""]
+
+
+def ablation_lines(summary: dict[str, dict]) -> list[str]:
+    """One row per ablation: its score and its reference method's on each ablation task, and the difference."""
+    present = [name for name in ABLATIONS if name in summary]
+    if not present:
+        return []
+    heads = {"sst2": "SST-2 acc", "stsb": "STS-B r"}
+    lines = [
+        "## Ablations",
+        "",
+        "Each row changes one thing in MP-ISMoE (one seed, seed 0) and is compared with the unchanged method "
+        "(its seed mean where it has several). Δ is the ablation minus the reference.",
+        "",
+        "| change | reference | train memory (MiB) | trainable params | "
+        + " | ".join(f"{heads[t]} | ref. | Δ" for t in ABLATION_TASKS)
+        + " |",
+        "|---|---|---|---|" + "---|---|---|" * len(ABLATION_TASKS),
+    ]
+    for name in present:
+        reference, change = ABLATION_BASELINES[name]
+        entry, base = summary[name], summary.get(reference)
+        cells = []
+        for task in ABLATION_TASKS:
+            scores = entry["scores"].get(task, [])
+            base_scores = base["scores"].get(task, []) if base else []
+            delta = (
+                f"{_mean_std(scores)[0] - _mean_std(base_scores)[0]:+.1f}" if scores and base_scores else "—"
+            )
+            cells += [_format_score(scores), _format_score(base_scores), delta]
+        lines.append(
+            f"| {change} | {reference} | {max(entry['memory']) / 2**20:.1f} | {max(entry['trainable']):,} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def planner_lines(summary: dict[str, dict], results: list[dict]) -> list[str]:
+    """`peft_ismoe.plan`'s accounting predicted for each ISMoE configuration, beside the benchmark's measurement."""
+    from transformers import AutoModelForSequenceClassification
+
+    import peft_ismoe
+    from peft_ismoe.backbones import minilm_path
+
+    budget = Budget()
+    rows = []
+    for method in (m for m in ISMOE_METHODS if m in summary):
+        measured = [r for r in results if r["method"] == method and r["task"] != "stsb"]
+        if not measured:
+            continue
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+        recipe = SIDE_RECIPES[method]
+        gnpiq = None if recipe.bits is None else peft_ismoe.GNPIQConfig(bits=recipe.bits)
+        predicted, _ = peft_ismoe.predict_training_memory(
+            model, gnpiq, side_config(method), budget.batch_size, budget.max_length
+        )
+        actual = measured[0]["memory"]["total_bytes"]
+        rows.append((method, predicted.total, actual))
+    if not rows:
+        return []
+    lines = [
+        "## The memory planner against the measurement",
+        "",
+        "`peft_ismoe.predict_training_memory` (the accounting `peft_ismoe.plan` chooses with) for each ISMoE "
+        f"configuration on a {budget.batch_size} x {budget.max_length}-token batch, computed without training or "
+        "quantizing, against the training memory the benchmark measured on a two-class task.",
+        "",
+        "| configuration | predicted (MiB) | measured (MiB) | predicted / measured |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {METHOD_LABELS[m]} | {p / 2**20:.1f} | {a / 2**20:.1f} | {p / a:.3f} |" for m, p, a in rows
+    ]
+    return [*lines, ""]
+
+
+def plot_expert_usage(results: list[dict], figure_path: Path) -> bool:
+    """Heat maps of the routing share per side block and expert, seed 0, for the runs that recorded usage.
+
+    Returns False (and draws nothing) when no run recorded it.
+    """
+    chosen = [
+        r
+        for r in sorted(results, key=lambda r: (METHODS.index(r["method"]), TASKS.index(r["task"])))
+        if r.get("expert_usage") and r["seed"] == 0 and SIDE_RECIPES[r["method"]].num_experts > 1
+    ]
+    if not chosen:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = min(4, len(chosen))
+    rows = math.ceil(len(chosen) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False)
+    for axis in axes.flat[len(chosen) :]:
+        axis.set_visible(False)
+    for axis, record in zip(axes.flat, chosen):
+        counts = np.array(list(record["expert_usage"].values()), dtype=float)
+        share = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+        image = axis.imshow(share, vmin=0, vmax=min(1.0, 3 / share.shape[1]), cmap="viridis", aspect="auto")
+        axis.set_title(f"{METHOD_LABELS[record['method']]}\n{record['task']}", fontsize=8)
+        axis.set_xlabel("expert")
+        axis.set_ylabel("side block")
+        figure.colorbar(image, ax=axis, fraction=0.05)
+    figure.tight_layout()
+    figure_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(figure_path, dpi=120)
+    plt.close(figure)
+    return True
 
 
 def plot_score_vs_memory(

@@ -175,3 +175,58 @@ def test_result_files_are_written_whole(tmp_path):
     assert path.name == "bitfit-cola-seed0.json"
     assert json.loads(path.read_text()) == {"score": 0.5}
     assert list(path.parent.iterdir()) == [path]
+
+
+def test_ablations_run_on_their_two_tasks_only_and_keep_the_default_seed_count():
+    args = glue.parse_args(["--methods", "ablation_no_balance", "mpismoe_4bit", "--tasks", "sst2", "rte", "stsb"])
+
+    runs = glue.planned_runs(args)
+
+    assert [r for r in runs if r[0] == "ablation_no_balance"] == [
+        ("ablation_no_balance", "sst2", 0),
+        ("ablation_no_balance", "stsb", 0),
+    ]
+    assert [r[1] for r in runs if r[0] == "mpismoe_4bit"] == ["sst2", "rte", "stsb"]
+
+
+def test_every_ablation_changes_exactly_one_field_of_its_reference():
+    for name in glue.ABLATIONS:
+        reference, _ = glue.ABLATION_BASELINES[name]
+        changed = {
+            field
+            for field, value in vars(glue.SIDE_RECIPES[name]).items()
+            if value != getattr(glue.SIDE_RECIPES[reference], field)
+        }
+        assert len(changed) == 1, (name, changed)
+
+
+def test_learning_rate_override_reaches_the_run_command_and_bad_values_are_refused(capsys):
+    args = glue.parse_args(["--learning-rate", "5e-3", "--results-dir", "/tmp/sweep"])
+    assert glue.single_run_argv("lst", "cola", 0, args)[-4:-2] == ["--learning-rate", "0.005"]
+
+    with pytest.raises(SystemExit):
+        glue.parse_args(["--learning-rate", "-1"])
+    assert "--learning-rate must be a positive number, got -1.0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (GLUE_DIR / "RTE" / "dev.tsv").is_file(), reason="needs the GLUE dev sets for chance levels")
+def test_report_checks_targets_lists_ablations_and_draws_expert_usage(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = []
+    for task in glue.TASKS:
+        results += [_record("lora", task, 0, 0.80, memory=400 * 2**20), _record("lst", task, 0, 0.78)]
+        results += [_record("mpismoe_8bit", task, 0, 0.795, memory=90 * 2**20)]
+    usage = {"side.blocks.0": [10, 0, 5, 5, 0, 0, 0, 0], "side.blocks.1": [1, 1, 1, 1, 1, 1, 1, 1]}
+    results[-1]["expert_usage"] = usage
+    results += [_record("ablation_no_balance", "sst2", 0, 0.70)]
+    report, figure = tmp_path / "results.md", tmp_path / "figures" / "plot.png"
+
+    text = glue.write_report(results, GLUE_DIR, report, figure, planner_check=False)
+
+    assert "| within 0.3 points of LoRA | -0.5 points | **no** |" in text
+    assert "| at least 1.0 point above LST-like | +1.5 points | yes |" in text
+    assert "| at most 0.25x LoRA's training memory | 0.225x | yes |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| balancing loss off"))
+    assert "| 70.0 | 79.5 | -9.5 |" in row and "| — | 79.5 | — |" in row
+    assert "ablation" not in next(line for line in text.splitlines() if line.startswith("| method"))
+    assert (figure.parent / "glue_expert_usage.png").read_bytes().startswith(b"\x89PNG")
