@@ -140,6 +140,8 @@ def main() -> None:
         eval_dataset=dev.tokenize(tokenizer, args.max_length),
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
+        # Evaluation metrics go into the model card that save_pretrained writes beside the adapter.
+        callbacks=[peft_ismoe.ModelCardMetricsCallback(dataset=f"GLUE {args.task} dev")],
     )
     trainer.train()
     metrics = trainer.evaluate()

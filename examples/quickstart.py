@@ -124,6 +124,7 @@ def main() -> None:
 
     # Save the adapter, reload it on a fresh quantized backbone, and compare predictions.
     adapter_dir = output_dir / "adapter"
+    peft_ismoe.record_metrics(model, {"accuracy": dev_accuracy}, dataset="GLUE SST-2 dev")  # into the model card
     model.save_pretrained(adapter_dir)
     print(f"adapter saved to {adapter_dir}: {sorted(p.name for p in adapter_dir.iterdir())}")
     reloaded = PeftModel.from_pretrained(quantized_backbone(), adapter_dir)

@@ -7,7 +7,7 @@ frozen model is stored in few bits (GNP-IQ) and the memory saved pays for a side
 
 from .planner import MemoryPlan, plan, predict_training_memory
 from .quantization import GNPIQConfig, GNPIQLinear, GNPIQRequantizeCallback, gnpiq_quantize, quantize_model
-from .tuner import ISMoEConfig, ISMoEModel, NonFiniteLossCallback
+from .tuner import ISMoEConfig, ISMoEModel, ModelCardMetricsCallback, NonFiniteLossCallback, record_metrics
 
 __version__ = "0.1.0"
 
@@ -18,10 +18,12 @@ __all__ = [
     "ISMoEConfig",
     "ISMoEModel",
     "MemoryPlan",
+    "ModelCardMetricsCallback",
     "NonFiniteLossCallback",
     "__version__",
     "gnpiq_quantize",
     "plan",
     "predict_training_memory",
     "quantize_model",
+    "record_metrics",
 ]

@@ -4,6 +4,7 @@ Importing this package adds ``"ISMOE"`` to `peft.utils.PeftType` and registers `
 with PEFT, so ``get_peft_model(model, ISMoEConfig(...))`` and ``PeftModel.from_pretrained(model, path)`` work.
 """
 
+from .card import ModelCardMetricsCallback, guard_model_card, record_metrics
 from .config import ISMoEConfig, ISMoEWarning
 from .experts import InteractiveRouter, MoEFeedForward, RouterOutput, StackedExperts, load_balancing_loss
 from .finite_loss import NonFiniteLossCallback
@@ -14,6 +15,7 @@ from .side import SideBlock, SideNetwork
 
 register_ismoe(ISMoEConfig, ISMoEModel)
 guard_peft_weight_loading()
+guard_model_card()
 
 __all__ = [
     "ISMOE_PEFT_TYPE",
@@ -22,6 +24,7 @@ __all__ = [
     "ISMoEWarning",
     "InteractiveRouter",
     "MoEFeedForward",
+    "ModelCardMetricsCallback",
     "NonFiniteLossCallback",
     "RouterOutput",
     "SideBlock",
@@ -29,4 +32,5 @@ __all__ = [
     "SideNetworkLayer",
     "StackedExperts",
     "load_balancing_loss",
+    "record_metrics",
 ]

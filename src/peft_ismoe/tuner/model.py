@@ -102,6 +102,8 @@ class ISMoEModel(BaseTuner):
         self._top_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._call_masks: dict[str, torch.Tensor | None] = {}
         self._call_aux: list[torch.Tensor] = []
+        # Metrics for the model card, per adapter (`peft_ismoe.record_metrics`); not saved with the weights.
+        self.card_metrics: dict[str, dict] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------ injection
