@@ -102,7 +102,10 @@ ISMOE_METHODS = tuple(SIDE_RECIPES)
 ABLATION_TASKS = ("sst2", "stsb")
 # What each ablation changes, and the method it is compared against.
 ABLATION_BASELINES = {
-    "ablation_side_router": ("mpismoe_8bit", "plain router (reads the side stream only) instead of the interactive one"),
+    "ablation_side_router": (
+        "mpismoe_8bit",
+        "plain router (reads the side stream only) instead of the interactive one",
+    ),
     "ablation_rtn_4bit": ("mpismoe_4bit", "4-bit round-to-nearest backbone instead of 4-bit GNP-IQ"),
     "ablation_1_expert": ("mpismoe_8bit", "1 expert instead of 8"),
     "ablation_4_experts": ("mpismoe_8bit", "4 experts instead of 8"),
@@ -717,6 +720,7 @@ def write_report(
             f"![expert usage]({os.path.relpath(usage_path, report_path.parent)})",
             "",
         ]
+    lines += probe_lines(summary, load_probes(results_dir))
     if planner_check:
         lines += planner_lines(summary, results)
 
@@ -744,7 +748,9 @@ def target_lines(summary: dict[str, dict]) -> list[str]:
         ratio = max(summary["mpismoe_8bit"]["memory"]) / max(summary["lora"]["memory"])
         rows.append(("at most 0.25x LoRA's training memory", f"{ratio:.3f}x", ratio <= 0.25))
     if means.get("lst") is not None:
-        rows.append(("at least 1.0 point above LST-like", f"{ours - means['lst']:+.1f} points", ours >= means["lst"] + 1.0))
+        rows.append(
+            ("at least 1.0 point above LST-like", f"{ours - means['lst']:+.1f} points", ours >= means["lst"] + 1.0)
+        )
     if means.get("mpismoe_4bit") is not None:
         gap = means["mpismoe_4bit"] - ours
         rows.append(("4-bit within 0.5 points of 8-bit", f"{gap:+.1f} points", gap >= -0.5))
@@ -784,14 +790,42 @@ def ablation_lines(summary: dict[str, dict]) -> list[str]:
         for task in ABLATION_TASKS:
             scores = entry["scores"].get(task, [])
             base_scores = base["scores"].get(task, []) if base else []
-            delta = (
-                f"{_mean_std(scores)[0] - _mean_std(base_scores)[0]:+.1f}" if scores and base_scores else "—"
-            )
+            delta = f"{_mean_std(scores)[0] - _mean_std(base_scores)[0]:+.1f}" if scores and base_scores else "—"
             cells += [_format_score(scores), _format_score(base_scores), delta]
         lines.append(
             f"| {change} | {reference} | {max(entry['memory']) / 2**20:.1f} | {max(entry['trainable']):,} | "
             + " | ".join(cells)
             + " |"
+        )
+    return [*lines, ""]
+
+
+def load_probes(results_dir: Path) -> list[dict]:
+    """Runs with a learning rate other than the table's, from ``<results_dir>_lr_sweep/<name>/*.json``."""
+    sweep_dir = results_dir.with_name(results_dir.name + "_lr_sweep")
+    return [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/*.json"))]
+
+
+def probe_lines(summary: dict[str, dict], probes: list[dict]) -> list[str]:
+    """Each learning-rate probe beside the same method and task at the table's rate (same seed)."""
+    if not probes:
+        return []
+    lines = [
+        "## Learning-rate probes",
+        "",
+        "Runs outside the table, made to check whether a result that looks broken is the learning rate's fault "
+        "(`--learning-rate`, results in `benchmarks/results/glue_lr_sweep/`). The table keeps the fixed rates.",
+        "",
+        "| method | task | seed | learning rate | score | at the table's rate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for probe in sorted(probes, key=lambda r: (r["method"], r["task"], r["learning_rate"])):
+        method, task = probe["method"], probe["task"]
+        table = summary.get(method, {}).get("scores", {}).get(task, [])
+        reference = f"{table[0]:.1f} ({LEARNING_RATES[method]:g})" if table else "—"
+        lines.append(
+            f"| {METHOD_LABELS[method]} | {task} | {probe['seed']} | {probe['learning_rate']:g} | "
+            f"{100 * probe['score']:.1f} | {reference} |"
         )
     return [*lines, ""]
 
@@ -829,9 +863,7 @@ def planner_lines(summary: dict[str, dict], results: list[dict]) -> list[str]:
         "| configuration | predicted (MiB) | measured (MiB) | predicted / measured |",
         "|---|---|---|---|",
     ]
-    lines += [
-        f"| {METHOD_LABELS[m]} | {p / 2**20:.1f} | {a / 2**20:.1f} | {p / a:.3f} |" for m, p, a in rows
-    ]
+    lines += [f"| {METHOD_LABELS[m]} | {p / 2**20:.1f} | {a / 2**20:.1f} | {p / a:.3f} |" for m, p, a in rows]
     return [*lines, ""]
 
 
@@ -858,7 +890,7 @@ def plot_expert_usage(results: list[dict], figure_path: Path) -> bool:
     figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False)
     for axis in axes.flat[len(chosen) :]:
         axis.set_visible(False)
-    for axis, record in zip(axes.flat, chosen):
+    for axis, record in zip(axes.flat, chosen, strict=False):  # the grid may have spare panels
         counts = np.array(list(record["expert_usage"].values()), dtype=float)
         share = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
         image = axis.imshow(share, vmin=0, vmax=min(1.0, 3 / share.shape[1]), cmap="viridis", aspect="auto")

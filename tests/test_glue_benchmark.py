@@ -230,3 +230,18 @@ def test_report_checks_targets_lists_ablations_and_draws_expert_usage(tmp_path):
     assert "| 70.0 | 79.5 | -9.5 |" in row and "| — | 79.5 | — |" in row
     assert "ablation" not in next(line for line in text.splitlines() if line.startswith("| method"))
     assert (figure.parent / "glue_expert_usage.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.skipif(not (GLUE_DIR / "RTE" / "dev.tsv").is_file(), reason="needs the GLUE dev sets for chance levels")
+def test_report_lists_learning_rate_probes_beside_the_table_rate(tmp_path):
+    pytest.importorskip("matplotlib")
+    results_dir = tmp_path / "glue"
+    probe = _record("lora", "stsb", 0, 0.80) | {"learning_rate": 3e-4}
+    glue.write_json(results_dir.with_name("glue_lr_sweep") / "lora_3e-4" / "lora-stsb-seed0.json", probe)
+    results = [_record("lora", "stsb", 0, 0.05)]
+
+    text = glue.write_report(
+        results, GLUE_DIR, tmp_path / "r.md", tmp_path / "p.png", results_dir, planner_check=False
+    )
+
+    assert "| LoRA (r=8) | stsb | 0 | 0.0003 | 80.0 | 5.0 (0.001) |" in text

@@ -61,6 +61,6 @@ def test_config_is_accepted_and_works_or_refused_naming_the_field(values):
     quantized = gnpiq_quantize(W, seed=config.seed, **config.solver_kwargs())
     history = quantized.error_history
     assert quantized.dequantize().shape == W.shape
-    assert all(later <= earlier for earlier, later in zip(history, history[1:]))
+    assert all(later <= earlier for earlier, later in zip(history, history[1:], strict=False))
     assert all(torch.isfinite(torch.tensor(history)))
     assert int(quantized.codes.max()) < 2**config.bits
