@@ -236,12 +236,19 @@ def test_report_checks_targets_lists_ablations_and_draws_expert_usage(tmp_path):
 def test_report_lists_learning_rate_probes_beside_the_table_rate(tmp_path):
     pytest.importorskip("matplotlib")
     results_dir = tmp_path / "glue"
-    probe = _record("lora", "stsb", 0, 0.80) | {"learning_rate": 3e-4}
-    glue.write_json(results_dir.with_name("glue_lr_sweep") / "lora_3e-4" / "lora-stsb-seed0.json", probe)
-    results = [_record("lora", "stsb", 0, 0.05)]
+    probe = _record("lora", "cola", 0, 0.30) | {"learning_rate": 3e-4}
+    glue.write_json(results_dir.with_name("glue_lr_sweep") / "lora_3e-4" / "lora-cola-seed0.json", probe)
+    results = [_record("lora", "cola", 0, 0.05)]
 
     text = glue.write_report(
         results, GLUE_DIR, tmp_path / "r.md", tmp_path / "p.png", results_dir, planner_check=False
     )
 
-    assert "| LoRA (r=8) | stsb | 0 | 0.0003 | 80.0 | 5.0 (0.001) |" in text
+    assert "| LoRA (r=8) | cola | 0 | 0.0003 | 30.0 | 5.0 (0.001) |" in text
+    assert "- LoRA (r=8): 0.001 (stsb: 0.0003)" in text
+
+
+def test_the_per_task_learning_rate_applies_to_its_task_only():
+    assert glue.learning_rate_for("lora", "stsb") == 3e-4
+    assert glue.learning_rate_for("lora", "sst2") == glue.LEARNING_RATES["lora"] == 1e-3
+    assert glue.learning_rate_for("mpismoe_8bit", "stsb") == 2e-3
