@@ -95,3 +95,20 @@ def test_a_quantized_model_is_refused():
     model = quantize_model(_bert(), GNPIQConfig(num_iterations=0), progress_bar=False)
     with pytest.raises(ValueError, match="`model` must be the float backbone"):
         predict_training_memory(model, None, ISMoEConfig(task_type="SEQ_CLS"), 2, 8)
+
+
+def test_bad_planner_arguments_are_named():
+    with pytest.raises(TypeError, match=r"`memory_budget` must be a positive number, got '1GB' \(str\)"):
+        plan(_bert(), "1GB", 4, 16)
+    with pytest.raises(ValueError, match=r"`experts_choices` must name at least one value, got \(\)"):
+        plan(_bert(), 10**9, 4, 16, experts_choices=())
+    # Hidden size 64: reduction 3 does not divide it, and reduction 32 leaves width 2 for 4 attention heads.
+    with pytest.raises(ValueError, match=r"No entry of `reduction_choices`=\(3, 32\) gives a side width"):
+        plan(_bert(), 10**9, 4, 16, reduction_choices=(3, 32))
+
+
+def test_reductions_the_attention_heads_cannot_split_are_skipped_not_fatal():
+    result = plan(_bert(), 10**9, 2, 8, experts_choices=(1,), bits_choices=(8,), reduction_choices=(8, 32))
+
+    assert {reduction for _, _, reduction, _, _ in result.candidates} == {8}
+    assert result.ismoe_config.reduction_factor == 8

@@ -154,6 +154,10 @@ BAD_INPUTS = [
     ({"patience": 0}, r"`patience` must be an int >= 1, got 0"),
     ({"tolerance": 1.0}, r"`tolerance` must be a number in \[0, 1\), got 1.0"),
     ({"tolerance": -0.1}, r"`tolerance` must be a number in \[0, 1\), got -0.1"),
+    ({"num_iterations": -2}, r"`num_iterations` must be an int >= 0, got -2"),
+    ({"refine_steps": -1}, r"`refine_steps` must be an int >= 0, got -1"),
+    ({"noise_std": float("nan")}, r"`noise_std` must be a finite number >= 0, got nan"),
+    ({"noise_decay": 3.0}, r"`noise_decay` must be a number in \(0, 1\], got 3.0"),
 ]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -193,6 +194,14 @@ def plan(
     Raises:
         ValueError: if no candidate fits; the message gives the smallest prediction.
     """
+    for name, value in (("memory_budget", memory_budget), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"`{name}` must be a positive number, got {value!r} ({type(value).__name__}).")
+    for name, choices in (
+        ("bits_choices", bits_choices), ("experts_choices", experts_choices), ("reduction_choices", reduction_choices)
+    ):  # fmt: skip
+        if len(choices) == 0:
+            raise ValueError(f"`{name}` must name at least one value, got {choices!r}.")
     if memory_budget <= 0 or batch_size <= 0 or seq_len <= 0:
         raise ValueError(
             f"`memory_budget`, `batch_size` and `seq_len` must be positive, got {memory_budget!r}, {batch_size!r}, "
@@ -202,12 +211,19 @@ def plan(
     top_k = ismoe_kwargs.pop("top_k", 2)
     if is_gnpiq_quantized(model):
         raise ValueError("`model` must be the float backbone; the planner counts the quantized sizes itself.")
+    # Side attention splits the side width into heads, so a reduction whose width the heads do not divide is not
+    # a candidate (unless side attention is switched off).
+    heads = ismoe_kwargs.get("side_attention_heads", 4) if ismoe_kwargs.get("side_attention") is not False else 1
+    reductions = [r for r in reduction_choices if hidden % r == 0 and (hidden // r) % heads == 0]
+    if not reductions:
+        raise ValueError(
+            f"No entry of `reduction_choices`={tuple(reduction_choices)!r} gives a side width that divides the hidden "
+            f"size {hidden} into {heads} attention heads; pass reductions that do."
+        )
     candidates = []
     best = None
     for experts in experts_choices:
-        for reduction in reduction_choices:
-            if hidden % reduction:
-                continue
+        for reduction in reductions:
             ismoe = ISMoEConfig(
                 task_type=task_type,
                 num_experts=experts,

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validation import check_int, is_real
 from .packing import SUPPORTED_BITS
 
 __all__ = [
@@ -477,6 +478,16 @@ def _check_stopping(patience: int, tolerance: float) -> None:
         raise ValueError(f"`tolerance` must be a number in [0, 1), got {tolerance!r}.")
 
 
+def _check_search(num_iterations: int, noise_std: float, noise_decay: float, refine_steps: int) -> None:
+    """The same limits `GNPIQConfig` enforces, for callers of the solver who skip the config."""
+    check_int("num_iterations", num_iterations, minimum=0)
+    check_int("refine_steps", refine_steps, minimum=0)
+    if not is_real(noise_std) or not math.isfinite(noise_std) or noise_std < 0:
+        raise ValueError(f"`noise_std` must be a finite number >= 0, got {noise_std!r}.")
+    if not is_real(noise_decay) or not 0 < noise_decay <= 1:
+        raise ValueError(f"`noise_decay` must be a number in (0, 1], got {noise_decay!r}.")
+
+
 def gnpiq_quantize(
     W: torch.Tensor,
     *,
@@ -513,10 +524,12 @@ def gnpiq_quantize(
     Raises:
         ValueError: if `W` is not a 2-D float tensor or holds NaN or Inf, `bits` is unsupported, `group_size` is
             not a positive int, `importance` has the wrong shape or negative entries, `patience` is not a positive
-            int or `tolerance` is not a number in [0, 1).
+            int, `tolerance` is not a number in [0, 1), `num_iterations` or `refine_steps` is not an int >= 0,
+            `noise_std` is not a finite number >= 0 or `noise_decay` is not in (0, 1].
     """
     _check_solver_input(W, bits, group_size, importance)
     _check_stopping(patience, tolerance)
+    _check_search(num_iterations, noise_std, noise_decay, refine_steps)
     qmax = 2**bits - 1
     out_features, in_features = W.shape
 
