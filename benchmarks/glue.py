@@ -727,7 +727,7 @@ def write_report(
         lines += [
             "## Expert usage",
             "",
-            "Share of routing slots each expert received on the dev set after training, per side block (seed 0). "
+            "Share of routing slots each expert received on the dev set after training, per side block. "
             "An even split is 1/E per expert; the balancing loss is what keeps it near that.",
             "",
             f"![expert usage]({os.path.relpath(usage_path, report_path.parent)})",
@@ -881,15 +881,26 @@ def planner_lines(summary: dict[str, dict], results: list[dict]) -> list[str]:
 
 
 def plot_expert_usage(results: list[dict], figure_path: Path) -> bool:
-    """Heat maps of the routing share per side block and expert, seed 0, for the runs that recorded usage.
+    """Heat maps of the routing share per side block and expert on the ablation tasks, one run (the lowest seed
+    that recorded usage) per method that routes (MP-ISMoE 8-bit and its multi-expert ablations).
 
     Returns False (and draws nothing) when no run recorded it.
     """
-    chosen = [
-        r
-        for r in sorted(results, key=lambda r: (METHODS.index(r["method"]), TASKS.index(r["task"])))
-        if r.get("expert_usage") and r["seed"] == 0 and SIDE_RECIPES[r["method"]].num_experts > 1
-    ]
+    shown = (
+        "mpismoe_8bit",
+        "ablation_no_balance",
+        "ablation_side_router",
+        "ablation_4_experts",
+        "ablation_16_experts",
+    )
+    chosen, seen = [], set()
+    for record in sorted(results, key=lambda r: (shown.index(r["method"]) if r["method"] in shown else 99, r["seed"])):
+        key = (record["method"], record["task"])
+        if record["method"] in shown and record["task"] in ABLATION_TASKS and record.get("expert_usage"):
+            if key not in seen:
+                seen.add(key)
+                chosen.append(record)
+    chosen.sort(key=lambda r: (ABLATION_TASKS.index(r["task"]), shown.index(r["method"])))
     if not chosen:
         return False
     import matplotlib
@@ -907,7 +918,7 @@ def plot_expert_usage(results: list[dict], figure_path: Path) -> bool:
         counts = np.array(list(record["expert_usage"].values()), dtype=float)
         share = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
         image = axis.imshow(share, vmin=0, vmax=min(1.0, 3 / share.shape[1]), cmap="viridis", aspect="auto")
-        axis.set_title(f"{METHOD_LABELS[record['method']]}\n{record['task']}", fontsize=8)
+        axis.set_title(f"{METHOD_LABELS[record['method']]}\n{record['task']}, seed {record['seed']}", fontsize=8)
         axis.set_xlabel("expert")
         axis.set_ylabel("side block")
         figure.colorbar(image, ax=axis, fraction=0.05)

@@ -217,7 +217,7 @@ def test_report_checks_targets_lists_ablations_and_draws_expert_usage(tmp_path):
         results += [_record("lora", task, 0, 0.80, memory=400 * 2**20), _record("lst", task, 0, 0.78)]
         results += [_record("mpismoe_8bit", task, 0, 0.795, memory=90 * 2**20)]
     usage = {"side.blocks.0": [10, 0, 5, 5, 0, 0, 0, 0], "side.blocks.1": [1, 1, 1, 1, 1, 1, 1, 1]}
-    results[-1]["expert_usage"] = usage
+    results[-1]["expert_usage"] = usage  # the MP-ISMoE run on STS-B, an ablation task
     results += [_record("ablation_no_balance", "sst2", 0, 0.70)]
     report, figure = tmp_path / "results.md", tmp_path / "figures" / "plot.png"
 
