@@ -174,6 +174,7 @@ def get_glue_task(name: str) -> GlueTask:
     """The `GlueTask` called `name`, in either spelling ("sst2" or "SST-2"), case-insensitive.
 
     Raises:
+        TypeError: if `name` is not a string.
         ValueError: if `name` is not one of the five supported tasks; the message lists them.
     """
     if not isinstance(name, str):

@@ -16,6 +16,7 @@ __all__ = ["ROUTER_CHOICES", "SALIENT_FEATURE_CHOICES", "ISMoEConfig", "ISMoEWar
 
 SALIENT_FEATURE_CHOICES = ("cls", "mean", "token")
 ROUTER_CHOICES = ("interactive", "side")
+SUPPORTED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", None)
 ACTIVATION_CHOICES = ("gelu", "relu", "silu")
 
 
@@ -132,6 +133,12 @@ class ISMoEConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ISMOE_PEFT_TYPE
+        # Checked here as well as at attach time, so a config that can never be used fails where it is written.
+        task_type = None if self.task_type is None else str(getattr(self.task_type, "value", self.task_type))
+        if task_type not in SUPPORTED_TASK_TYPES:
+            raise ValueError(
+                f"`task_type` must be one of {SUPPORTED_TASK_TYPES[:-1]} or None for ISMoE, got {self.task_type!r}."
+            )
         check_int("num_experts", self.num_experts, minimum=1)
         if self.top_k is None:
             self.top_k = min(2, self.num_experts)

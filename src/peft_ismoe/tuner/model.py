@@ -14,7 +14,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, _set_adapter
 from torch import nn
 
 from .backbone import BlockStack, StackTap, find_block_stacks, hidden_size_of
-from .config import ISMoEConfig, ISMoEWarning
+from .config import SUPPORTED_TASK_TYPES, ISMoEConfig, ISMoEWarning
 from .init import init_side_from_backbone
 from .inputs import check_model_inputs
 from .outputs import with_aux_loss
@@ -25,7 +25,6 @@ __all__ = ["ISMoEModel", "SideNetworkLayer"]
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION", None)
 _SIDE_KEY = "ismoe_side"
 
 
