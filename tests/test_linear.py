@@ -79,3 +79,18 @@ def test_input_gradient_flows_but_weights_get_none():
 def test_repr_shows_bits_and_group_size():
     _, layer, _ = _layer(64, 16, 32, True, 3)
     assert repr(layer) == "GNPIQLinear(in_features=64, out_features=16, bias=True, bits=3, group_size=32)"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"group_size": 0}, ValueError, r"`group_size` must be an int >= 1, got 0"),
+        ({"group_size": 8.0}, TypeError, r"`group_size` must be an int >= 1, got float 8.0"),
+        ({"bits": 5}, ValueError, r"`bits` must be one of \(2, 3, 4, 8\), got 5"),
+        ({"in_features": 0}, ValueError, r"`in_features` must be an int >= 1, got 0"),
+    ],
+)
+def test_an_empty_layer_with_bad_shapes_is_refused_naming_the_argument(kwargs, error, message):
+    arguments = {"in_features": 16, "out_features": 4, "bits": 4, "group_size": 8} | kwargs
+    with pytest.raises(error, match=message):
+        GNPIQLinear(arguments.pop("in_features"), arguments.pop("out_features"), **arguments)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packing import pack_codes, packed_numel, unpack_codes
+from .._validation import check_int
+from .packing import SUPPORTED_BITS, pack_codes, packed_numel, unpack_codes
 from .solver import QuantizedWeight, dequantize_groups
 
 __all__ = ["GNPIQLinear"]
@@ -41,6 +42,11 @@ class GNPIQLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        check_int("in_features", in_features, minimum=1)
+        check_int("out_features", out_features, minimum=1)
+        check_int("group_size", group_size, minimum=1)
+        if bits not in SUPPORTED_BITS or isinstance(bits, bool):
+            raise ValueError(f"`bits` must be one of {SUPPORTED_BITS}, got {bits!r}.")
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
