@@ -25,6 +25,9 @@ Methods:
     mpismoe_4bit  the same on a GNP-IQ 4-bit backbone.
     mpismoe_8bit_requant  mpismoe_8bit with the GNP-IQ search repeated at every epoch end on a tenth of the layers
                   (`GNPIQRequantizeCallback`'s defaults, float weights read back from the checkpoint on disk).
+    ablation_*    MP-ISMoE with one thing changed (``ABLATION_BASELINES`` says what and against which method), run
+                  on SST-2 and STS-B only: plain side router, round-to-nearest 4-bit backbone, 1/4/16 experts, no
+                  balancing loss, the router's prior from the mean token instead of [CLS].
 The ISMoE methods are skipped, with a message, while ``peft_ismoe.ISMoEConfig`` cannot be imported.
 
 Each (method, task, seed) run executes in its own process (so its peak RSS is its own) and writes
@@ -81,6 +84,7 @@ class SideRecipe:
     num_experts: int = 8
     router: str = "interactive"
     aux_loss_coef: float = 0.01
+    salient_feature: str | None = None  # None: the [CLS] state for these encoder classifiers
 
 
 SIDE_RECIPES = {
@@ -96,6 +100,7 @@ SIDE_RECIPES = {
     "ablation_4_experts": SideRecipe(bits=8, num_experts=4),
     "ablation_16_experts": SideRecipe(bits=8, num_experts=16),
     "ablation_no_balance": SideRecipe(bits=8, aux_loss_coef=0.0),
+    "ablation_mean_salient": SideRecipe(bits=8, salient_feature="mean"),
 }
 MAIN_METHODS = ("lora", "full", "bitfit", "lst", "ismoe_fp32", "mpismoe_8bit", "mpismoe_4bit", "mpismoe_8bit_requant")
 ABLATIONS = tuple(name for name in SIDE_RECIPES if name.startswith("ablation_"))
@@ -113,6 +118,7 @@ ABLATION_BASELINES = {
     "ablation_4_experts": ("mpismoe_8bit", "4 experts instead of 8"),
     "ablation_16_experts": ("mpismoe_8bit", "16 experts instead of 8"),
     "ablation_no_balance": ("mpismoe_8bit", "balancing loss off (coefficient 0 instead of 0.01)"),
+    "ablation_mean_salient": ("mpismoe_8bit", "router prior from the mean of the tokens instead of [CLS]"),
 }
 LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "bitfit": 1e-3} | {name: 2e-3 for name in SIDE_RECIPES}
 # Per-task exceptions, each backed by a probe in benchmarks/results/glue_lr_sweep/: at 1e-3 LoRA's STS-B head
@@ -134,6 +140,7 @@ METHOD_LABELS = {
     "ablation_4_experts": "MP-ISMoE 8-bit, 4 experts",
     "ablation_16_experts": "MP-ISMoE 8-bit, 16 experts",
     "ablation_no_balance": "MP-ISMoE 8-bit, no balancing loss",
+    "ablation_mean_salient": "MP-ISMoE 8-bit, mean-token salient feature",
 }
 LORA_TARGETS = ["query", "key", "value", "dense"]
 
@@ -219,6 +226,7 @@ def side_config(method: str):
         top_k=min(2, recipe.num_experts),
         router=recipe.router,
         aux_loss_coef=recipe.aux_loss_coef,
+        salient_feature=recipe.salient_feature,
     )
 
 
