@@ -27,7 +27,7 @@ Methods:
                   (`GNPIQRequantizeCallback`'s defaults, float weights read back from the checkpoint on disk).
     ablation_*    MP-ISMoE with one thing changed (``ABLATION_BASELINES`` says what and against which method), run
                   on SST-2 and STS-B only: plain side router, round-to-nearest 4-bit backbone, 1/4/16 experts, no
-                  balancing loss, the router's prior from the mean token instead of [CLS].
+                  balancing loss, the router's prior from the mean token instead of [CLS], the pooler trained.
 The ISMoE methods are skipped, with a message, while ``peft_ismoe.ISMoEConfig`` cannot be imported.
 
 Each (method, task, seed) run executes in its own process (so its peak RSS is its own) and writes
@@ -85,6 +85,9 @@ class SideRecipe:
     router: str = "interactive"
     aux_loss_coef: float = 0.01
     salient_feature: str | None = None  # None: the [CLS] state for these encoder classifiers
+    # BERT's classifier reads the pooler (dense + tanh on [CLS]), which the side network's output passes through;
+    # True keeps it in float and trains it with the head, as LoRA (on every dense layer) and BitFit do.
+    train_pooler: bool = False
 
 
 SIDE_RECIPES = {
@@ -101,6 +104,7 @@ SIDE_RECIPES = {
     "ablation_16_experts": SideRecipe(bits=8, num_experts=16),
     "ablation_no_balance": SideRecipe(bits=8, aux_loss_coef=0.0),
     "ablation_mean_salient": SideRecipe(bits=8, salient_feature="mean"),
+    "ablation_train_pooler": SideRecipe(bits=8, train_pooler=True),
 }
 MAIN_METHODS = ("lora", "full", "bitfit", "lst", "ismoe_fp32", "mpismoe_8bit", "mpismoe_4bit", "mpismoe_8bit_requant")
 ABLATIONS = tuple(name for name in SIDE_RECIPES if name.startswith("ablation_"))
@@ -119,9 +123,10 @@ ABLATION_BASELINES = {
     "ablation_16_experts": ("mpismoe_8bit", "16 experts instead of 8"),
     "ablation_no_balance": ("mpismoe_8bit", "balancing loss off (coefficient 0 instead of 0.01)"),
     "ablation_mean_salient": ("mpismoe_8bit", "router prior from the mean of the tokens instead of [CLS]"),
+    "ablation_train_pooler": ("mpismoe_8bit", "pooler kept in float and trained with the head"),
 }
 LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "bitfit": 1e-3} | {name: 2e-3 for name in SIDE_RECIPES}
-# Per-task exceptions, each backed by a probe in benchmarks/results/glue_lr_sweep/: at 1e-3 LoRA's STS-B head
+# Per-task exceptions, each backed by a probe in benchmarks/results/glue_probes/: at 1e-3 LoRA's STS-B head
 # collapsed to the label mean (training loss flat at the label variance), at 3e-4 it learns.
 TASK_LEARNING_RATES = {("lora", "stsb"): 3e-4}
 NUM_SEEDS = {"lora": 3, "lst": 3, "mpismoe_8bit": 3}  # every other method: 1
@@ -141,6 +146,7 @@ METHOD_LABELS = {
     "ablation_16_experts": "MP-ISMoE 8-bit, 16 experts",
     "ablation_no_balance": "MP-ISMoE 8-bit, no balancing loss",
     "ablation_mean_salient": "MP-ISMoE 8-bit, mean-token salient feature",
+    "ablation_train_pooler": "MP-ISMoE 8-bit, pooler trained",
 }
 LORA_TARGETS = ["query", "key", "value", "dense"]
 
@@ -208,11 +214,23 @@ def build_model(method: str, num_labels: int):
 
     if method not in ISMOE_METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    recipe = SIDE_RECIPES[method]
-    if recipe.bits is not None:
-        gnpiq = peft_ismoe.GNPIQConfig(bits=recipe.bits, num_iterations=recipe.num_iterations)
+    gnpiq = gnpiq_config(method)
+    if gnpiq is not None:
         model = peft_ismoe.quantize_model(model, gnpiq, progress_bar=False)
     return peft.get_peft_model(model, side_config(method))
+
+
+def gnpiq_config(method: str):
+    """The `GNPIQConfig` of an ISMoE method's backbone, or None for a float backbone."""
+    import peft_ismoe
+
+    recipe = SIDE_RECIPES[method]
+    if recipe.bits is None:
+        return None
+    keep_float = ["classifier", "pooler"] if recipe.train_pooler else None  # None: the default heads
+    return peft_ismoe.GNPIQConfig(
+        bits=recipe.bits, num_iterations=recipe.num_iterations, modules_to_not_convert=keep_float
+    )
 
 
 def side_config(method: str):
@@ -221,6 +239,7 @@ def side_config(method: str):
 
     recipe = SIDE_RECIPES[method]
     return peft_ismoe.ISMoEConfig(
+        modules_to_save=["pooler"] if recipe.train_pooler else None,  # PEFT adds the classifier either way
         task_type="SEQ_CLS",
         num_experts=recipe.num_experts,
         top_k=min(2, recipe.num_experts),
@@ -826,20 +845,22 @@ def ablation_lines(summary: dict[str, dict]) -> list[str]:
 
 
 def load_probes(results_dir: Path) -> list[dict]:
-    """Runs with a learning rate other than the table's, from ``<results_dir>_lr_sweep/<name>/*.json``."""
-    sweep_dir = results_dir.with_name(results_dir.name + "_lr_sweep")
+    """Runs outside the table (another learning rate, or a variant on a task the ablations skip), from
+    ``<results_dir>_probes/<name>/*.json``."""
+    sweep_dir = results_dir.with_name(results_dir.name + "_probes")
     return [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/*.json"))]
 
 
 def probe_lines(summary: dict[str, dict], probes: list[dict]) -> list[str]:
-    """Each learning-rate probe beside the same method and task at the table's rate (same seed)."""
+    """Each probe beside the same method and task in the table, at the table's rate (same seed)."""
     if not probes:
         return []
     lines = [
-        "## Learning-rate probes",
+        "## Probes",
         "",
         "Runs outside the table, made to check whether a result that looks broken is the learning rate's fault "
-        "(`--learning-rate`, results in `benchmarks/results/glue_lr_sweep/`). The table keeps the fixed rates.",
+        "(`--learning-rate`), or whether a variant helps where the side networks fail; results in "
+        "`benchmarks/results/glue_probes/`. The table keeps the fixed rates.",
         "",
         "| method | task | seed | learning rate | score | at the table's rate |",
         "|---|---|---|---|---|---|",
@@ -869,10 +890,8 @@ def planner_lines(summary: dict[str, dict], results: list[dict]) -> list[str]:
         if not measured:
             continue
         model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-        recipe = SIDE_RECIPES[method]
-        gnpiq = None if recipe.bits is None else peft_ismoe.GNPIQConfig(bits=recipe.bits)
         predicted, _ = peft_ismoe.predict_training_memory(
-            model, gnpiq, side_config(method), budget.batch_size, budget.max_length
+            model, gnpiq_config(method), side_config(method), budget.batch_size, budget.max_length
         )
         actual = measured[0]["memory"]["total_bytes"]
         rows.append((method, predicted.total, actual))

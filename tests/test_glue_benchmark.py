@@ -237,7 +237,7 @@ def test_report_lists_learning_rate_probes_beside_the_table_rate(tmp_path):
     pytest.importorskip("matplotlib")
     results_dir = tmp_path / "glue"
     probe = _record("lora", "cola", 0, 0.30) | {"learning_rate": 3e-4}
-    glue.write_json(results_dir.with_name("glue_lr_sweep") / "lora_3e-4" / "lora-cola-seed0.json", probe)
+    glue.write_json(results_dir.with_name("glue_probes") / "lora_3e-4" / "lora-cola-seed0.json", probe)
     results = [_record("lora", "cola", 0, 0.05)]
 
     text = glue.write_report(
