@@ -868,7 +868,14 @@ def probe_lines(summary: dict[str, dict], probes: list[dict]) -> list[str]:
     for probe in sorted(probes, key=lambda r: (r["method"], r["task"], r["learning_rate"])):
         method, task = probe["method"], probe["task"]
         table = summary.get(method, {}).get("scores", {}).get(task, [])
-        reference = f"{table[0]:.1f} ({learning_rate_for(method, task):g})" if table else "—"
+        if table:
+            reference = f"{table[0]:.1f} ({learning_rate_for(method, task):g})"
+        elif method in ABLATION_BASELINES:  # a variant probed off the ablation tasks: compare with what it varies
+            base = ABLATION_BASELINES[method][0]
+            scores = summary.get(base, {}).get("scores", {}).get(task, [])
+            reference = f"{scores[0]:.1f} ({base}, {learning_rate_for(base, task):g})" if scores else "—"
+        else:
+            reference = "—"
         lines.append(
             f"| {METHOD_LABELS[method]} | {task} | {probe['seed']} | {probe['learning_rate']:g} | "
             f"{100 * probe['score']:.1f} | {reference} |"
