@@ -231,6 +231,19 @@ def test_unload_returns_the_base_model_and_merge_raises():
     assert torch.equal(_logits(unloaded, batch), expected)
 
 
+def test_unload_keeps_a_trained_container_module_such_as_the_pooler():
+    batch = _batch()
+    config = ISMoEConfig(task_type="SEQ_CLS", num_experts=2, modules_to_save=["pooler"])
+    model = get_peft_model(_bert(), config)
+    _train(model, batch)
+    trained_pooler = model.base_model.model.bert.pooler.modules_to_save["default"]
+
+    unloaded = model.unload()
+
+    assert unloaded.bert.pooler is trained_pooler  # the trained copy, not the frozen original
+    assert not any("modules_to_save" in name for name, _ in unloaded.named_modules())
+
+
 def test_expert_usage_counts_tokens_and_resets():
     model = get_peft_model(_bert(), ISMoEConfig(task_type="SEQ_CLS", num_experts=4, top_k=2))
     batch = _batch()

@@ -422,6 +422,13 @@ class ISMoEModel(BaseTuner):
         self._stacks = None
         if "ismoe_layer" in self._modules:
             del self._modules["ismoe_layer"]
+        # PEFT's generic unloading copies `.weight` onto the module it puts back, which fails for a trained module
+        # that has none (a container such as BERT's pooler in `modules_to_save`); put those back here instead.
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, AuxiliaryTrainingWrapper) and not hasattr(module.original_module, "weight"):
+                parent_name, _, child_name = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name)
+                setattr(parent, child_name, module.unload_and_optionally_merge_module(False, False, None))
         return self._unload_and_optionally_merge(merge=False)
 
     # ------------------------------------------------------------------ state dict keys
