@@ -774,6 +774,11 @@ def write_report(
     return "\n".join(lines)
 
 
+def _section(title: str, intro: str, columns: list[str]) -> list[str]:
+    """The opening lines of a report section: heading, a paragraph, and a table's header row and rule."""
+    return [f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _five_task_mean(entry: dict) -> float | None:
     if not all(entry["scores"].get(t) for t in TASKS):
         return None
@@ -798,14 +803,10 @@ def target_lines(summary: dict[str, dict]) -> list[str]:
     if means.get("mpismoe_4bit") is not None:
         gap = means["mpismoe_4bit"] - ours
         rows.append(("4-bit within 0.5 points of 8-bit", f"{gap:+.1f} points", gap >= -0.5))
-    lines = [
-        "## Targets",
-        "",
-        "MP-ISMoE 8-bit against its peers, on the five-task mean (seed means first).",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-    ]
+    lines = _section(
+        "Targets", "MP-ISMoE 8-bit against its peers, on the five-task mean (seed means first).",
+        ["target", "measured", "met"],
+    )  # fmt: skip
     lines += [f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in rows]
     return [*lines, ""]
 
@@ -816,17 +817,13 @@ def ablation_lines(summary: dict[str, dict]) -> list[str]:
     if not present:
         return []
     heads = {"sst2": "SST-2 acc", "stsb": "STS-B r"}
-    lines = [
-        "## Ablations",
-        "",
+    lines = _section(
+        "Ablations",
         "Each row changes one thing in MP-ISMoE (one seed, seed 0) and is compared with the unchanged method "
         "(its seed mean where it has several). Δ is the ablation minus the reference.",
-        "",
-        "| change | reference | train memory (MiB) | trainable params | "
-        + " | ".join(f"{heads[t]} | ref. | Δ" for t in ABLATION_TASKS)
-        + " |",
-        "|---|---|---|---|" + "---|---|---|" * len(ABLATION_TASKS),
-    ]
+        ["change", "reference", "train memory (MiB)", "trainable params"]
+        + [column for t in ABLATION_TASKS for column in (heads[t], "ref.", "Δ")],
+    )
     for name in present:
         reference, change = ABLATION_BASELINES[name]
         entry, base = summary[name], summary.get(reference)
@@ -855,16 +852,13 @@ def probe_lines(summary: dict[str, dict], probes: list[dict]) -> list[str]:
     """Each probe beside the same method and task in the table, at the table's rate (same seed)."""
     if not probes:
         return []
-    lines = [
-        "## Probes",
-        "",
+    lines = _section(
+        "Probes",
         "Runs outside the table, made to check whether a result that looks broken is the learning rate's fault "
         "(`--learning-rate`), or whether a variant helps where the side networks fail; results in "
         "`benchmarks/results/glue_probes/`. The table keeps the fixed rates.",
-        "",
-        "| method | task | seed | learning rate | score | at the table's rate |",
-        "|---|---|---|---|---|---|",
-    ]
+        ["method", "task", "seed", "learning rate", "score", "at the table's rate"],
+    )
     for probe in sorted(probes, key=lambda r: (r["method"], r["task"], r["learning_rate"])):
         method, task = probe["method"], probe["task"]
         table = summary.get(method, {}).get("scores", {}).get(task, [])
@@ -904,16 +898,13 @@ def planner_lines(summary: dict[str, dict], results: list[dict]) -> list[str]:
         rows.append((method, predicted.total, actual))
     if not rows:
         return []
-    lines = [
-        "## The memory planner against the measurement",
-        "",
+    lines = _section(
+        "The memory planner against the measurement",
         "`peft_ismoe.predict_training_memory` (the accounting `peft_ismoe.plan` chooses with) for each ISMoE "
         f"configuration on a {budget.batch_size} x {budget.max_length}-token batch, computed without training or "
         "quantizing, against the training memory the benchmark measured on a two-class task.",
-        "",
-        "| configuration | predicted (MiB) | measured (MiB) | predicted / measured |",
-        "|---|---|---|---|",
-    ]
+        ["configuration", "predicted (MiB)", "measured (MiB)", "predicted / measured"],
+    )
     lines += [f"| {METHOD_LABELS[m]} | {p / 2**20:.1f} | {a / 2**20:.1f} | {p / a:.3f} |" for m, p, a in rows]
     return [*lines, ""]
 
