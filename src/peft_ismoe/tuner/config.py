@@ -215,10 +215,9 @@ def _check_int_list(name: str, value: Any) -> list[int] | None:
         return None
     if isinstance(value, (str, bytes)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise TypeError(f"`{name}` must be a list of ints or None, got {value!r}.")
-    value = list(value)
-    if not value:
-        raise ValueError(f"`{name}` must name at least one block, got an empty list; pass None for every block.")
-    return value
+    if not list(value):
+        raise ValueError(f"`{name}` must name at least one block, got {value!r}; pass None for every block.")
+    return list(value)
 
 
 def _check_str_list(name: str, value: Any) -> list[str] | None:
