@@ -23,7 +23,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from tuner_helpers import one_thread, train_steps  # noqa: F401
+from tuner_helpers import train_steps
 
 from peft_ismoe import ISMoEConfig
 from peft_ismoe.tuner.finite_loss import NonFiniteLossCallback, NonFiniteLossWarning, check_finite_loss

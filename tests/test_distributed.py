@@ -18,7 +18,6 @@ from distributed_train import BERT, Examples, build_model, train
 from safetensors.torch import load_file
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.modeling_outputs import SequenceClassifierOutput
-from tuner_helpers import one_thread  # noqa: F401
 
 from peft_ismoe.tuner.outputs import with_aux_loss
 

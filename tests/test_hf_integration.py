@@ -85,16 +85,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tensors this small gain nothing from intra-op threads, and on a busy machine waking them costs milliseconds
-    # per operation.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def no_progress_bars():
     was_enabled = hf_logging.is_progress_bar_enabled()

@@ -30,14 +30,6 @@ def _batch(batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(("bits", "experts"), CASES, ids=lambda v: str(v))
 def test_prediction_matches_the_measured_training_step(bits, experts):
     gnpiq = None if bits is None else GNPIQConfig(bits=bits, num_iterations=1)

@@ -15,7 +15,6 @@ import pytest
 import torch
 from peft import get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
-from tuner_helpers import one_thread  # noqa: F401
 
 from peft_ismoe import ISMoEConfig
 

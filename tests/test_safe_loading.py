@@ -12,7 +12,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModel, BertConfig, BertForSequenceClassification, BertModel
 from transformers.utils import logging as hf_logging
-from tuner_helpers import one_thread, train_steps  # noqa: F401
+from tuner_helpers import train_steps
 
 from peft_ismoe import GNPIQConfig, ISMoEConfig
 

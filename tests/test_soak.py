@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 from transformers import BertConfig, BertForSequenceClassification
-from tuner_helpers import one_thread, train_steps  # noqa: F401
+from tuner_helpers import train_steps
 
 from peft_ismoe import ISMoEConfig
 

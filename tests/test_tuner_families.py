@@ -30,7 +30,7 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
-from tuner_helpers import assert_round_trip, one_thread, train_steps  # noqa: F401
+from tuner_helpers import assert_round_trip, train_steps
 
 from peft_ismoe import ISMoEConfig
 

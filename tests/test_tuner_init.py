@@ -6,7 +6,6 @@ import pytest
 import torch
 from peft import get_peft_model
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM
-from tuner_helpers import one_thread  # noqa: F401
 
 from peft_ismoe import ISMoEConfig
 from peft_ismoe.tuner import ISMoEWarning

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
-from tuner_helpers import assert_round_trip, one_thread, train_steps  # noqa: F401
+from tuner_helpers import assert_round_trip, train_steps
 
 import peft_ismoe
 from peft_ismoe import GNPIQConfig, ISMoEConfig, quantize_model

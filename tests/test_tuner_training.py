@@ -8,7 +8,6 @@ import torch
 from accelerate import Accelerator
 from peft import get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
-from tuner_helpers import one_thread  # noqa: F401
 
 from peft_ismoe import ISMoEConfig
 

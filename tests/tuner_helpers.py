@@ -1,19 +1,8 @@
-"""Shared pieces of the ISMoE tuner tests: a single-thread fixture and a tiny training loop."""
+"""Shared pieces of the ISMoE tuner tests: a tiny training loop and a save-and-reload check."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread; on a shared, loaded machine several threads per process spin against
-    # each other and make these tests many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train_steps(model, batch: dict, steps: int = 2, lr: float = 1e-2, loss_fn=None) -> None:
