@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import settings
+from transformers.utils import logging as hf_logging
 
 # The tests run small tensors (tiny models, one layer at a time); on a machine with few cores, or one shared with
 # other work, torch's thread pool then costs far more in synchronisation than it gains, by up to two orders of
@@ -18,3 +20,13 @@ torch.set_num_threads(1)
 settings.register_profile("repeatable", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+@pytest.fixture(autouse=True)
+def no_progress_bars():
+    """Keep transformers' progress bars out of the test output; a test may turn them on, and they go off again."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    yield
+    if was_enabled:
+        hf_logging.enable_progress_bar()

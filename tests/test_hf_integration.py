@@ -85,15 +85,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def no_progress_bars():
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    yield
-    if was_enabled:
-        hf_logging.enable_progress_bar()
-
-
 def save_float(factory, path: Path) -> Path:
     torch.manual_seed(0)
     factory().save_pretrained(path)

@@ -72,15 +72,6 @@ MODELS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def no_progress_bars():
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    yield
-    if was_enabled:
-        hf_logging.enable_progress_bar()
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Per model name: a float checkpoint folder, its float model and its quantized model, built once per module."""

@@ -11,7 +11,6 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModel, BertConfig, BertForSequenceClassification, BertModel
-from transformers.utils import logging as hf_logging
 from tuner_helpers import train_steps
 
 from peft_ismoe import GNPIQConfig, ISMoEConfig
@@ -20,15 +19,6 @@ BERT = BertConfig(
     vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-@pytest.fixture(autouse=True)
-def no_progress_bars():
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    yield
-    if was_enabled:
-        hf_logging.enable_progress_bar()
 
 
 @pytest.fixture
